@@ -1,0 +1,125 @@
+"""Build a small word-level ``CLIPTokenizer`` offline.
+
+Stable Diffusion's tokenizer is a byte-pair-encoding ``CLIPTokenizer`` with ~49k tokens. The embedded model
+(and the tiny test pipelines) need the *same class* so that every code path is the one a real checkpoint
+takes, but with a vocabulary of a few hundred tokens so the text encoder stays small.
+
+We write ``vocab.json`` and ``merges.txt`` in the format CLIP uses: every known word becomes one token
+``word</w>``, reached from its characters by left-to-right merges; the single characters (a-z, 0-9 and a
+few punctuation marks, each with and without the end-of-word marker) stay in the vocabulary so that an
+unknown word still tokenizes (into characters) instead of silently vanishing. ``<|startoftext|>`` (BOS,
+always at position 0) and ``<|endoftext|>`` (EOS, also used for padding, as in SD v1.x) close the vocabulary.
+
+The tokenizer is then loaded with ``CLIPTokenizer.from_pretrained(folder)``, the path every real checkpoint
+takes. (Passing ``vocab_file=``/``merges_file=`` to the constructor is avoided on purpose: recent
+transformers versions silently build an empty vocabulary from the old argument names.)
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Iterable
+
+from transformers import CLIPTokenizer
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+_BASE_CHARS = string.ascii_lowercase + string.digits + ".,'-!?"
+
+
+def _word_merges(word: str) -> list[tuple[str, str]]:
+    """Left-to-right merges that turn the characters of ``word`` into the single token ``word</w>``."""
+    pieces = list(word)
+    pieces[-1] = pieces[-1] + "</w>"
+    merges = []
+    while len(pieces) > 1:
+        merges.append((pieces[0], pieces[1]))
+        pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    return merges
+
+
+def write_word_level_vocab(words: Iterable[str], folder: str | Path, model_max_length: int = 77) -> Path:
+    """Write ``vocab.json``, ``merges.txt`` and the tokenizer config for ``words`` into ``folder``."""
+    words = sorted({w.strip().lower() for w in words if w and w.strip()})
+    if not words:
+        raise ValueError("write_word_level_vocab needs at least one word; got an empty list.")
+    bad = [w for w in words if any(c not in _BASE_CHARS for c in w)]
+    if bad:
+        raise ValueError(
+            f"Words may only use the characters {_BASE_CHARS!r}; these do not: {bad[:5]}. "
+            "Split them into plain lowercase words first."
+        )
+    if model_max_length < 3:
+        raise ValueError(f"model_max_length must be at least 3 (BOS, one token, EOS); got {model_max_length}.")
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+    for c in _BASE_CHARS:
+        add(c)
+        add(c + "</w>")
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in words:
+        for a, b in _word_merges(word):
+            if (a, b) not in seen:
+                seen.add((a, b))
+                merges.append((a, b))
+            add(a + b)
+    add(BOS)
+    add(EOS)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2)
+    )
+    return folder
+
+
+def build_word_level_tokenizer(words: Iterable[str], folder: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
+    """Write a word-level vocabulary for ``words`` into ``folder`` and load it as a ``CLIPTokenizer``.
+
+    Raises if the loaded tokenizer does not map every word to exactly one token (the guard against a
+    transformers version that would build an empty or different vocabulary).
+    """
+    words = list(words)
+    write_word_level_vocab(words, folder, model_max_length)
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    check_word_level_tokenizer(tok, words)
+    return tok
+
+
+def check_word_level_tokenizer(tok: CLIPTokenizer, words: Iterable[str]) -> None:
+    """Raise ``RuntimeError`` unless each word is one token and BOS/EOS frame every encoding."""
+    for word in {w.strip().lower() for w in words if w and w.strip()}:
+        ids = tok(word)["input_ids"]
+        if len(ids) != 3 or ids[0] != tok.bos_token_id or ids[-1] != tok.eos_token_id:
+            raise RuntimeError(
+                f"Tokenizer check failed: {word!r} encodes to {tok.convert_ids_to_tokens(ids)}, expected "
+                f"[BOS, '{word}</w>', EOS]. The installed transformers version may load vocab files differently."
+            )
+
+
+def out_of_vocabulary_words(tok: CLIPTokenizer, prompt: str) -> list[str]:
+    """Words of ``prompt`` that the tokenizer does not know as whole words (they fall apart into characters)."""
+    unknown = []
+    for word in prompt.lower().replace(",", " ").replace(".", " ").split():
+        if len(tok(word)["input_ids"]) != 3:
+            unknown.append(word)
+    return unknown
