@@ -1,0 +1,51 @@
+"""The papermill chain runner, on throw-away notebooks (the real chain runs in tests/test_notebooks.py)."""
+import json
+
+import nbformat
+import pytest
+
+from dgq_utils.report import ChainError, _parse_value, list_notebooks, run_chain
+
+
+def _notebook(path, cells):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1\nquick = False")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_chain_runs_in_order_injects_parameters_and_exports_html(tmp_path):
+    src = tmp_path / "nb"
+    src.mkdir()
+    _notebook(src / "02_second.ipynb", ["open('order.txt', 'a').write('2')"])
+    _notebook(src / "01_first.ipynb", ["open('order.txt', 'a').write('1')", "assert x == 5 and quick is True"])
+    out = tmp_path / "out"
+    runs = run_chain({"x": 5, "quick": True}, out_dir=out, notebooks=list_notebooks(src), log=lambda m: None)
+    assert [r.notebook for r in runs] == ["01_first.ipynb", "02_second.ipynb"]
+    assert (src / "order.txt").read_text() == "12"
+    assert all(r.html.exists() and r.output.exists() for r in runs)
+    assert set(json.loads((out / "timings.json").read_text())["seconds"]) == {"01_first.ipynb", "02_second.ipynb"}
+
+
+def test_failure_names_notebook_and_cell(tmp_path):
+    src = tmp_path / "nb"
+    src.mkdir()
+    _notebook(src / "01_ok.ipynb", ["y = 2"])
+    _notebook(src / "02_bad.ipynb", ["y = 2", "raise ValueError('boom here')"])
+    _notebook(src / "03_never.ipynb", ["open('ran.txt', 'w').write('x')"])
+    with pytest.raises(ChainError, match=r"02_bad.ipynb failed in cell 2.*ValueError: boom here"):
+        run_chain({}, out_dir=tmp_path / "out", notebooks=list_notebooks(src), html=False, log=lambda m: None)
+    assert not (src / "ran.txt").exists()
+
+
+def test_parameter_values_parse_as_literals():
+    assert _parse_value("3") == 3 and _parse_value("0.5") == 0.5 and _parse_value("True") is True
+    assert _parse_value("cuda") == "cuda" and _parse_value("/a/b") == "/a/b"
+
+
+def test_no_notebooks_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No numbered notebooks"):
+        list_notebooks(tmp_path)
