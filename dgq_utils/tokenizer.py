@@ -5,7 +5,7 @@ Stable Diffusion's tokenizer is a byte-pair-encoding ``CLIPTokenizer`` with ~49k
 takes, but with a vocabulary of a few hundred tokens so the text encoder stays small.
 
 We write ``vocab.json`` and ``merges.txt`` in the format CLIP uses: every known word becomes one token
-``word</w>``, reached from its characters by left-to-right merges; the single characters (a-z, 0-9 and a
+``word</w>``, reached from its characters by merges chosen so that CLIP's rank-ordered BPE reaches it; the single characters (a-z, 0-9 and a
 few punctuation marks, each with and without the end-of-word marker) stay in the vocabulary so that an
 unknown word still tokenizes (into characters) instead of silently vanishing. ``<|startoftext|>`` (BOS,
 always at position 0) and ``<|endoftext|>`` (EOS, also used for padding, as in SD v1.x) close the vocabulary.
@@ -28,15 +28,42 @@ EOS = "<|endoftext|>"
 _BASE_CHARS = string.ascii_lowercase + string.digits + ".,'-!?"
 
 
-def _word_merges(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that turn the characters of ``word`` into the single token ``word</w>``."""
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one lowercase word: repeatedly merge the best-ranked adjacent pair."""
     pieces = list(word)
     pieces[-1] = pieces[-1] + "</w>"
-    merges = []
     while len(pieces) > 1:
-        merges.append((pieces[0], pieces[1]))
-        pieces = [pieces[0] + pieces[1]] + pieces[2:]
-    return merges
+        pairs = {(a, b) for a, b in zip(pieces, pieces[1:])}
+        best = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i < len(pieces) - 1 and (pieces[i], pieces[i + 1]) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def _add_word_merges(word: str, merges: list[tuple[str, str]], ranks: dict[tuple[str, str], int]) -> None:
+    """Append the merges ``word`` needs to become one token under the merges already present.
+
+    A word is encoded with the existing merges first; where it gets stuck (another word's merge split it
+    differently, e.g. ``tr`` from "tree" inside "street"), the leftmost remaining pair is appended as a new
+    merge of the lowest priority. Appending at the end never changes how earlier words encode: at every step
+    of their encoding a better-ranked merge applied.
+    """
+    while True:
+        pieces = _bpe(word, ranks)
+        if len(pieces) == 1:
+            return
+        pair = (pieces[0], pieces[1])
+        ranks[pair] = len(merges)
+        merges.append(pair)
 
 
 def write_word_level_vocab(words: Iterable[str], folder: str | Path, model_max_length: int = 77) -> Path:
@@ -62,13 +89,11 @@ def write_word_level_vocab(words: Iterable[str], folder: str | Path, model_max_l
         add(c)
         add(c + "</w>")
     merges: list[tuple[str, str]] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        for a, b in _word_merges(word):
-            if (a, b) not in seen:
-                seen.add((a, b))
-                merges.append((a, b))
-            add(a + b)
+        _add_word_merges(word, merges, ranks)
+    for a, b in merges:
+        add(a + b)
     add(BOS)
     add(EOS)
 

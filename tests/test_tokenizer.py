@@ -44,3 +44,11 @@ def test_bad_input(tmp_path):
         build_word_level_tokenizer([], tmp_path)
     with pytest.raises(ValueError, match="characters"):
         build_word_level_tokenizer(["Über"], tmp_path)
+
+
+def test_words_sharing_pieces_still_encode_as_one_token(tmp_path):
+    # "tree" inside "street", "cat" inside "concatenate", "tab" inside "table"/"stable": overlapping merges
+    words = ["tree", "street", "photo", "cat", "concatenate", "table", "stable", "tab", "trees", "a", "at", "ta"]
+    tok = build_word_level_tokenizer(words, tmp_path)  # raises if any word is not one token
+    ids = tok("a photo at a street tree")["input_ids"]
+    assert len(ids) == 8
