@@ -1,0 +1,277 @@
+"""Per-timestep activation parameters: which parameter set a UNet call uses.
+
+Diffusion activations change a lot over the sampling trajectory, so DGQ (like TFMQ/Q-Diffusion variants)
+calibrates one activation parameter *set* per sampling step. The pipeline calls the UNet once per step (with
+classifier-free guidance the batch is doubled, still one call), so a forward *pre-hook on the UNet* is the one
+place that sees every step: it reads the ``timestep`` argument, decides the set index, and writes it into a
+:class:`TimestepState` that every quantizer of the model holds a reference to (one attribute write per UNet
+call -- no loop over quantizers).
+
+Mappings (``QuantRecipe.timestep_mapping``; default first)
+---------------------------------------------------------
+* ``"exact"`` (default, sound): calibration records the ordered list of UNet calls of one generation -- the
+  *call index* since the scheduler's last ``set_timesteps``. A PNDM/PLMS sampler calls the UNet twice with the
+  same ``t`` (SD v1.4, 25 steps: 26 calls, ``t = 961, 921, 921, 881, ...``), so keying by ``t`` would merge two
+  different inputs; keying by call index gives each its own set. At inference call ``i`` uses set ``i`` after
+  checking that its ``t`` equals the calibrated ``t`` of call ``i``.
+
+  **Mismatch policy** (sampler or step count differs from calibration): ``on_mismatch="error"`` (default) raises
+  a ``RuntimeError`` that shows both schedules -- a silently different parameter set is the kind of surprise a
+  careful user does not want. ``on_mismatch="nearest"`` instead uses the set whose calibrated ``t`` is nearest
+  (earliest call on ties) and warns once per generation. Set it with :func:`set_timestep_mismatch_policy` or the
+  ``on_timestep_mismatch=`` argument of ``quantize_pipeline`` / ``load_quant_state``.
+* ``"official"``: ``index = (T - t) // (T // num_inference_steps)`` with ``T = num_train_timesteps`` (1000),
+  as in the official ``load_cali_model``. With PLMS this is off by one after the repeated step: t = 961 -> set 0,
+  both t = 921 calls -> set 1, t = 881 -> set 2 (calibrated on the *second* t = 921 call), ..., and the last set
+  is never used (see ``shared/dgq-official-code.md`` section 4). Indices are clamped to the calibrated range
+  (the official code would fail with an index error past the end, e.g. DDIM with ``steps_offset=0``).
+* ``per_timestep=False``: one set (index 0) for every call.
+
+How a new generation is detected: the controller keeps a reference to ``scheduler.timesteps`` of the pipeline it
+belongs to; ``set_timesteps`` (called at the start of every pipeline run) creates a new tensor, so an identity
+change resets the call counter. Without a pipeline (the UNet called directly) the counter resets when ``t``
+increases, or when the calibrated number of calls has been reached; :meth:`TimestepController.reset` resets it
+by hand.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAPPINGS = ("exact", "official", "shared")
+MISMATCH_POLICIES = ("error", "nearest")
+
+
+@dataclass
+class TimestepState:
+    """Shared, mutable "where are we in the sampling trajectory" record read by every quantizer.
+
+    ``set_index``: parameter set to use now. ``call_index``: UNet calls since the generation started (0-based).
+    ``t``: the timestep value of the current call (``None`` before the first call).
+    """
+
+    set_index: int = 0
+    call_index: int = -1
+    t: float | None = None
+
+
+def _timestep_value(t) -> float:
+    """A Python float from the UNet's ``timestep`` argument (number, 0-d or 1-d tensor with equal entries)."""
+    if isinstance(t, torch.Tensor):
+        if t.numel() == 0:
+            raise ValueError("The UNet was called with an empty timestep tensor.")
+        flat = t.detach().reshape(-1)
+        if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+            raise ValueError(
+                "Per-timestep quantization needs one timestep per UNet call, but this call mixes timesteps "
+                f"{sorted(set(flat.tolist()))[:8]} in one batch. Use per_timestep=False for such samplers."
+            )
+        return float(flat[0])
+    return float(t)
+
+
+@dataclass
+class TimestepController:
+    """Forward pre-hook on the UNet that sets :attr:`state.set_index` for every call.
+
+    Modes: ``"calibrate"`` records the calibration schedule (``set_index = call_index`` if per-timestep, else 0)
+    and checks that every calibration batch follows the same schedule; ``"infer"`` maps calls to calibrated sets
+    with ``mapping``. ``callback(unet, args, kwargs)`` (optional) runs after the index is set -- calibration uses
+    it to run extra forward passes; calls made from inside the callback do not advance the counter.
+    """
+
+    mapping: str = "exact"
+    on_mismatch: str = "error"
+    state: TimestepState = field(default_factory=TimestepState)
+    mode: str = "calibrate"
+    schedule: list[float] = field(default_factory=list)  # calibrated t per call index
+    num_inference_steps: int | None = None
+    num_train_timesteps: int = 1000
+    callback: object = None
+
+    def __post_init__(self):
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"timestep mapping must be one of {MAPPINGS}; got {self.mapping!r}.")
+        if self.on_mismatch not in MISMATCH_POLICIES:
+            raise ValueError(f"on_mismatch must be one of {MISMATCH_POLICIES}; got {self.on_mismatch!r}.")
+        self._pipe_ref = None
+        self._handle = None
+        self._last_timesteps = None
+        self._inside_callback = False
+        self._warned_this_generation = False
+        self._generation_schedule: list[float] = []
+        self.calibration_generations = 0
+
+    # -- wiring ------------------------------------------------------------------------------------------------
+    def install(self, unet, pipe=None) -> "TimestepController":
+        """Register the pre-hook on ``unet``; ``pipe`` (optional, held weakly) provides the scheduler."""
+        self._pipe_ref = weakref.ref(pipe) if pipe is not None else None
+        self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def num_sets(self) -> int:
+        """Number of parameter sets this schedule calls for."""
+        return 1 if self.mapping == "shared" else max(1, len(self.schedule))
+
+    def reset(self) -> None:
+        """Start a new generation (call counter back to 0 at the next call)."""
+        self.state.call_index = -1
+        self._warned_this_generation = False
+        self._generation_schedule = []
+
+    def start_calibration(self) -> None:
+        self.mode = "calibrate"
+        self.schedule = []
+        self.calibration_generations = 0
+        self._last_timesteps = None
+        self.reset()
+
+    def finish_calibration(self) -> None:
+        self._close_calibration_generation()
+        self.mode = "infer"
+        self._last_timesteps = None
+        self.reset()
+
+    # -- the hook ----------------------------------------------------------------------------------------------
+    def _scheduler(self):
+        pipe = self._pipe_ref() if self._pipe_ref is not None else None
+        return getattr(pipe, "scheduler", None) if pipe is not None else None
+
+    def _new_generation(self, t: float) -> bool:
+        sched = self._scheduler()
+        ts = getattr(sched, "timesteps", None) if sched is not None else None
+        if ts is not None:
+            if ts is not self._last_timesteps:
+                self._last_timesteps = ts  # holding the reference keeps its id from being reused
+                return True
+            return False
+        # no scheduler: t increases -> new trajectory; or the calibrated length is exhausted
+        if self.state.t is None or t > self.state.t:
+            return True
+        return self.mode == "infer" and self.mapping == "exact" and self.state.call_index + 1 >= len(self.schedule)
+
+    def _hook(self, module, args, kwargs):
+        if self._inside_callback:
+            return None
+        if len(args) > 1:
+            t_arg = args[1]
+        elif "timestep" in kwargs:
+            t_arg = kwargs["timestep"]
+        else:
+            raise ValueError("DGQ timestep hook: the UNet was called without a `timestep` argument.")
+        t = _timestep_value(t_arg)
+        if self._new_generation(t):
+            if self.mode == "calibrate":
+                self._close_calibration_generation()
+            self.reset()
+        self.state.call_index += 1
+        self.state.t = t
+        self.state.set_index = self._set_index(self.state.call_index, t)
+        if self.callback is not None:
+            self._inside_callback = True
+            try:
+                self.callback(module, args, kwargs)
+            finally:
+                self._inside_callback = False
+        return None
+
+    # -- mapping -----------------------------------------------------------------------------------------------
+    def _set_index(self, i: int, t: float) -> int:
+        if self.mode == "calibrate":
+            self._generation_schedule.append(t)
+            if self.calibration_generations == 0:
+                self.schedule.append(t)
+            else:
+                if i >= len(self.schedule) or self.schedule[i] != t:
+                    raise RuntimeError(
+                        "Calibration batches must follow the same sampling schedule; batch "
+                        f"{self.calibration_generations + 1} calls the UNet with t={t:g} at call {i}, the first "
+                        f"batch had {self.schedule[i] if i < len(self.schedule) else 'no call'} there."
+                    )
+            return 0 if self.mapping == "shared" else i
+        if self.mapping == "shared":
+            return 0
+        if self.mapping == "official":
+            return self._official_index(t)
+        return self._exact_index(i, t)
+
+    def _close_calibration_generation(self) -> None:
+        if self._generation_schedule:
+            if self.calibration_generations > 0 and len(self._generation_schedule) != len(self.schedule):
+                raise RuntimeError(
+                    f"Calibration batches must follow the same sampling schedule; one batch made "
+                    f"{len(self._generation_schedule)} UNet calls, the first made {len(self.schedule)}."
+                )
+            self.calibration_generations += 1
+            self._generation_schedule = []
+
+    def _official_index(self, t: float) -> int:
+        sched = self._scheduler()
+        steps = getattr(sched, "num_inference_steps", None) or self.num_inference_steps
+        if not steps:
+            raise RuntimeError("official timestep mapping needs num_inference_steps (none recorded).")
+        total = self.num_train_timesteps
+        idx = int((total - int(round(t))) // (total // int(steps)))
+        return min(max(idx, 0), self.num_sets - 1)
+
+    def _exact_index(self, i: int, t: float) -> int:
+        if i < len(self.schedule) and self.schedule[i] == t:
+            return i
+        if self.on_mismatch == "error":
+            sched = self._scheduler()
+            current = getattr(sched, "timesteps", None)
+            current = [float(v) for v in current.tolist()] if current is not None else "unknown"
+            raise RuntimeError(
+                f"DGQ per-timestep parameters were calibrated for {len(self.schedule)} UNet calls with "
+                f"t = {_fmt(self.schedule)}, but UNet call {i} of this generation has t = {t:g} "
+                f"(scheduler timesteps: {_fmt(current) if isinstance(current, list) else current}). "
+                "The sampler or the number of steps differs from calibration. Re-calibrate with the same "
+                "scheduler and num_inference_steps, or allow the nearest calibrated timestep with "
+                "set_timestep_mismatch_policy(pipe, 'nearest')."
+            )
+        if not self._warned_this_generation:
+            warnings.warn(
+                f"DGQ: UNet call {i} has t = {t:g}, not in the calibrated schedule at that position; using the "
+                "parameter set of the nearest calibrated t (warned once per generation).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_this_generation = True
+        dist = [abs(s - t) for s in self.schedule]
+        return int(min(range(len(dist)), key=lambda j: (dist[j], j)))
+
+    # -- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "mapping": self.mapping,
+            "schedule": list(self.schedule),
+            "num_inference_steps": self.num_inference_steps,
+            "num_train_timesteps": self.num_train_timesteps,
+        }
+
+
+def _fmt(values, limit: int = 8) -> str:
+    vals = [f"{v:g}" for v in values]
+    return "[" + ", ".join(vals if len(vals) <= limit else vals[:limit] + ["..."]) + f"] ({len(vals)} calls)"
+
+
+def official_index(t: float, num_inference_steps: int, num_train_timesteps: int = 1000) -> int:
+    """The official code's parameter-set index for timestep ``t``: ``(T - t) // (T // steps)`` (unclamped)."""
+    return int((num_train_timesteps - int(round(t))) // (num_train_timesteps // int(num_inference_steps)))
+
+
+def mapping_for(recipe) -> str:
+    """The controller mapping for a recipe: ``"shared"`` if not per-timestep, else ``recipe.timestep_mapping``."""
+    return "shared" if not recipe.per_timestep else recipe.timestep_mapping
