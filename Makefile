@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dgq-installed
 
-.PHONY: env test test-slow report demo bench clean
+.PHONY: env test test-slow report report-quick demo bench clean
 
 env: $(STAMP)
 
@@ -27,7 +27,10 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 report: $(STAMP)
-	$(PY) -m dgq_utils.demo
+	$(PY) -m dgq_utils.report $(ARGS)
+
+report-quick: $(STAMP)
+	$(PY) -m dgq_utils.report --quick $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m dgq_utils.demo

@@ -637,8 +637,9 @@ def run_embedded_comparison(
     calibration captions, 25 PNDM steps, guidance 7.5, 64×64. Budget on the 2-core CPU
     (``benchmarks/bench_generation.py``): FP 0.25 s/image (quiet machine, 2 threads) to 0.41 s/image (busy machine,
     1 thread — use 1 torch thread on a 2-core machine that runs anything else: 2 threads there were up to 100×
-    slower), quantized ×1.1–1.15 of FP, calibration 24–30 s for DGQ (less for the baselines) → FP + the six recipes
-    take ≈ 5 min (quiet) to ≈ 8 min (busy) including metrics.
+    slower), quantized ×1.1–1.15 of FP, calibration 24–30 s for DGQ (less for the baselines), metrics ≈ 40 s for
+    all seven → FP + the six recipes take ≈ 5 min on a quiet machine; measured end to end ≈ 10 min with another
+    CPU-heavy process running alongside (1 thread).
     95 % CI half-widths measured on the embedded model at N = 128 (scale by √(128/96) ≈ 1.15 for the default):
     CLIP score ±0.04 (±0.015–0.04 paired vs FP); whole-caption alignment ±0.08 (±0.05–0.09 paired); held-out
     captions only ±0.16; colour/shape ±0.05; PSNR ±1 dB; SSIM ±0.01. So W8A6 (DGQ vs baseline: −0.08 vs −0.27 CLIP,

@@ -235,3 +235,15 @@ def test_fast_fid_replicates_equal_torch_fidelity():
         fast = M.FidReplicates(f, ref)
         for idx in (np.arange(n), rng.integers(0, n, n)):
             assert fast(idx) == pytest.approx(M.fid(f[idx], ref), rel=1e-6, abs=1e-8)
+
+
+def test_fast_fid_replicates_on_duplicated_indices_and_kid_ci():
+    rng = np.random.default_rng(1)
+    ref_feats = rng.normal(size=(60, 20))
+    ref = M.fid_statistics(ref_feats)
+    f = rng.normal(size=(15, 20)) * 1.2
+    fast = M.FidReplicates(f, ref)
+    idx = np.array([0, 0, 3, 3, 3, 7, 9, 14, 14, 1, 2, 5, 6, 8, 8])
+    assert fast(idx) == pytest.approx(M.fid(f[idx], ref), rel=1e-6)
+    k = M.kid_ci(f, ref_feats, n_boot=20, subsets=20, subset_size=15)
+    assert k.value == pytest.approx(M.kid(f, ref_feats, subsets=20, subset_size=15)[0]) and k.low <= k.high
