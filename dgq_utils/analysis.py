@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from .atomic import atomic_write_text
+from .attention import attention_epilogue, attention_prologue
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK_ROOT = ROOT / "outputs" / "work"
@@ -673,20 +674,9 @@ class _CaptureProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        ndim = hidden_states.ndim
-        if ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        residual, hidden_states, ctx, spatial = attention_prologue(attn, hidden_states, encoder_hidden_states, temb)
         batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            ctx = attn.norm_encoder_hidden_states(ctx)
         key, value = attn.to_k(ctx), attn.to_v(ctx)
         heads = attn.heads
         d = key.shape[-1] // heads
@@ -701,12 +691,7 @@ class _CaptureProcessor:
         ti = self.state.set_index
         self.sink._record(self.name, self.kind, ti, probs, v, self.full and ti in self.full_timesteps)
         out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(batch, -1, heads * d)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_epilogue(attn, out, residual, spatial)
 
 
 @dataclass

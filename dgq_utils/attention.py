@@ -69,7 +69,7 @@ from .observers import AttentionStats
 from .quantizers import SCALE_FLOOR, fake_quant_log2, fake_quant_uniform
 from .timesteps import TimestepState
 
-__all__ = ["DGQAttnProcessor", "ProbQuantizer", "release_workspace"]
+__all__ = ["DGQAttnProcessor", "ProbQuantizer", "release_workspace", "attention_prologue", "attention_epilogue"]
 
 _WORKSPACE: dict[torch.device, Tensor] = {}
 _INPLACE_SOFTMAX_OK: bool | None = None
@@ -91,6 +91,43 @@ def _workspace(numel: int, device: torch.device) -> Tensor:
 def release_workspace() -> None:
     """Free the shared attention-probability workspace (it is re-created on the next call)."""
     _WORKSPACE.clear()
+
+
+def attention_prologue(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, temb: Tensor | None = None):
+    """The part of diffusers' ``Attention`` forward before Q/K/V: spatial norm, ``(B, C, H, W)`` -> tokens,
+    group norm, and the context the keys/values read (the normed hidden states for self-attention, the
+    ``norm_cross``-normed encoder states for cross-attention).
+
+    Returns ``(residual, hidden_states (B, N, C), context, spatial)`` with ``spatial = (C, H, W)`` for 4-D inputs
+    (else ``None``); :func:`attention_epilogue` undoes it. Shared by every explicit-softmax processor here.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    spatial = None
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        spatial = (c, h, w)
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if encoder_hidden_states is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    else:
+        context = encoder_hidden_states
+    return residual, hidden_states, context, spatial
+
+
+def attention_epilogue(attn, out: Tensor, residual: Tensor, spatial: tuple[int, int, int] | None) -> Tensor:
+    """Output projection, back to ``(B, C, H, W)`` when the input was spatial, residual, rescale."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if spatial is not None:
+        out = out.transpose(-1, -2).reshape(out.shape[0], *spatial)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
 
 
 def _softmax_inplace(s: Tensor) -> Tensor:
@@ -300,29 +337,16 @@ class DGQAttnProcessor(nn.Module):
         if not self.enabled:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
+        residual, hidden_states, context, spatial = attention_prologue(
+            attn, hidden_states, encoder_hidden_states, temb)
+        batch_size, sequence_length = context.shape[:2]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
 
         heads = attn.heads
         head_dim = key.shape[-1] // heads
@@ -341,15 +365,7 @@ class DGQAttnProcessor(nn.Module):
         hidden_states = self._attend(attn, query, key, value, attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+        return attention_epilogue(attn, hidden_states, residual, spatial)
 
     def _attend(self, attn, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
         b, h, nq, _ = query.shape

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..attention import attention_epilogue, attention_prologue
+
 
 class _CrossAttnRecorder:
     """Attention processor with the classic (explicit softmax) computation that records key masses."""
@@ -25,21 +27,10 @@ class _CrossAttnRecorder:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        residual, hidden_states, ctx, spatial = attention_prologue(attn, hidden_states, encoder_hidden_states, temb)
         batch = hidden_states.shape[0]
         cross = encoder_hidden_states is not None
-        ctx = encoder_hidden_states if cross else hidden_states
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        if cross and attn.norm_cross:
-            ctx = attn.norm_encoder_hidden_states(ctx)
         k = attn.head_to_batch_dim(attn.to_k(ctx))
         v = attn.head_to_batch_dim(attn.to_v(ctx))
         mask = attn.prepare_attention_mask(attention_mask, ctx.shape[1], batch)
@@ -48,12 +39,7 @@ class _CrossAttnRecorder:
             per_key = probs.float().view(batch, attn.heads, probs.shape[1], probs.shape[2]).mean((1, 2))
             self.store[self.name][self.state["step"]].append(per_key.cpu())
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_epilogue(attn, out, residual, spatial)
 
 
 @torch.no_grad()
