@@ -1,7 +1,9 @@
-"""Images per second on this CPU: FP vs ``dgq-w8a6``, through the generation runner, in one run.
+"""Images per second on this CPU (or a GPU): FP vs ``dgq-w8a6``, through the generation runner, in one run.
 
     python benchmarks/bench_generation.py                 # embedded model if data/embedded exists, else tiny
     python benchmarks/bench_generation.py --model tiny --n-images 8 --steps 25
+    python benchmarks/bench_generation.py --device cuda --n-images 1000 --batch-size 500 --n-calibration 64 \
+        --out benchmarks/results/generation_cuda
 
 Writes ``benchmarks/results/generation_cpu.json`` and ``.md``: images/s (and s/image) for FP and the quantized
 recipe, the calibration time, and what those imply for the embedded comparison's default N
@@ -37,8 +39,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 1 on a machine with <= 2 cores -- two OpenMP threads next to any "
                          "other process were up to 100x slower there -- else torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation_cpu"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--out", default=None,
+                    help="output stem (default benchmarks/results/generation_<device type>)")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = str(ROOT / "benchmarks" / "results" / f"generation_{a.device.split(':')[0]}")
 
     import numpy as np
     import torch
@@ -59,14 +65,14 @@ def main() -> int:
         from dgq_utils.evaluate import embedded_calibration_prompts, embedded_prompts
         from dgq_utils.loading import load_pipeline
 
-        pipe = load_pipeline(a.model_path)
+        pipe = load_pipeline(a.model_path, device=a.device)
         prompts, _ = embedded_prompts(a.n_images)
         calib = embedded_calibration_prompts(a.n_calibration, exclude=prompts)
         model_name = "embedded" if a.model_path is None else f"embedded architecture ({a.model_path})"
     else:
         from dgq_utils.tiny import TINY_PROMPTS, build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(seed=0, scheduler="pndm")
+        pipe = build_tiny_pipeline(seed=0, scheduler="pndm").to(a.device)
         prompts = [TINY_PROMPTS[i % 4] for i in range(a.n_images)]  # repeated texts get their own index/noise
         calib = list(TINY_PROMPTS[4:8])
         model_name = "tiny"
@@ -90,7 +96,9 @@ def main() -> int:
     out: dict = {"model": model_name, "recipe": a.recipe, "n_images": len(prompts), "steps": a.steps,
                  "batch_size": a.batch_size, "resolution": f"{res.height}x{res.width}",
                  "scheduler": type(pipe.scheduler).__name__, "torch_threads": torch.get_num_threads(),
-                 "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+                 "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                 "device": a.device,
+                 "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up (first-call allocations) on one batch, not timed
         generate_images(pipe, prompts[:1], [99], Path(tmp) / "warm", model_id=mid, settings=settings, progress=False)
@@ -136,7 +144,8 @@ def main() -> int:
 
     stem = Path(a.out)
     atomic_write_json(stem.with_suffix(".json"), out)
-    md = [f"# Generation speed on the CPU ({model_name} model)\n",
+    where = "the CPU" if a.device == "cpu" else out["device_name"]
+    md = [f"# Generation speed on {where} ({model_name} model)\n",
           "| recipe | images/s (fastest batch) | s/image | images/s (median batch) | n | steps | batch | resolution |",
           "|---|---|---|---|---|---|---|---|",
           f"| fp | {out['fp_images_per_s']:.3f} | {per_fp:.3f} | {out['fp_images_per_s_median_batch']:.3f} | {n} | "
@@ -147,7 +156,7 @@ def main() -> int:
           f"Quantized generation (fake quantization in float32) takes x{out['quant_slowdown']} the time of FP.", "",
           f"Estimate for the default embedded comparison: {out['estimate_note']}: "
           f"~{est:.0f} s (~{est / 60:.1f} min).", "",
-          f"Machine: {out['cpu_count']} CPUs, torch {out['torch']} with {out['torch_threads']} threads, "
+          f"Machine: {out['device_name']}, {out['cpu_count']} CPUs, torch {out['torch']} with {out['torch_threads']} threads, "
           f"{out['platform']}; 1-minute load average at the end {out['load_average_1m_at_end']}"
           + (" — **the CPU was shared with other work: timings are pessimistic**." if busy else "."), ""]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(md))

@@ -1010,9 +1010,9 @@ def comparison_setup(ctx: ModelContext, metrics: Sequence[str] | None = None, *,
         chosen = [m for m in (metrics or available) if m in available]
         kw: dict = {}
         if "clip_score" in chosen:
-            kw["clip_scorer"] = M.ClipScorer.from_embedded(d / "clip")
+            kw["clip_scorer"] = M.ClipScorer.from_embedded(d / "clip", device=ctx.device)
         if "alignment" in chosen:
-            kw["alignment_evaluator"] = embedded_alignment_evaluator(d / "evaluator")
+            kw["alignment_evaluator"] = embedded_alignment_evaluator(d / "evaluator", device=ctx.device)
         if any(m in chosen for m in M.SET_METRICS):
             kw["extractor"] = M.EMBEDDED_EXTRACTOR
             kw["extractor_weights"] = str(d / "evaluator")

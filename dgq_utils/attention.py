@@ -72,7 +72,7 @@ from .timesteps import TimestepState
 __all__ = ["DGQAttnProcessor", "ProbQuantizer", "release_workspace", "attention_prologue", "attention_epilogue"]
 
 _WORKSPACE: dict[torch.device, Tensor] = {}
-_INPLACE_SOFTMAX_OK: bool | None = None
+_INPLACE_SOFTMAX_OK: dict[str, bool] = {}  # device type -> the in-place ATen softmax was checked and is exact
 # sqrt(2) = 1.0110101000001001111001100110011... in binary: its 23-bit mantissa lies strictly between 0x3504F3 and
 # 0x3504F4, so "mantissa >= sqrt(2)" is "mantissa bits >= 0x3504F4", i.e. adding 0x800000 - 0x3504F4 carries.
 _SQRT2_CARRY = 0x800000 - 0x3504F4
@@ -130,18 +130,29 @@ def attention_epilogue(attn, out: Tensor, residual: Tensor, spatial: tuple[int, 
     return out / attn.rescale_output_factor
 
 
+def _inplace_softmax_ok(device: torch.device) -> bool:
+    """Whether ATen's ``_softmax.out`` with ``out`` aliasing the input is exact on ``device``'s type (checked once
+    per device type, on that device: each backend has its own kernels; CUDA's differ for short and long rows)."""
+    ok = _INPLACE_SOFTMAX_OK.get(device.type)
+    if ok is None:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(3, 5, 37)] if device.type == "cpu" else [(3, 5, 37), (2, 3, 4133)]
+        try:
+            ok = True
+            for shape in shapes:
+                probe = torch.randn(*shape, generator=g).to(device)
+                expected = probe.softmax(dim=-1)
+                torch.ops.aten._softmax.out(probe, -1, False, out=probe)
+                ok = ok and bool(torch.equal(probe, expected))
+        except Exception:  # noqa: BLE001 - any failure means: use the manual version
+            ok = False
+        _INPLACE_SOFTMAX_OK[device.type] = ok
+    return ok
+
+
 def _softmax_inplace(s: Tensor) -> Tensor:
     """Softmax over the last dim of ``s``, written into ``s``."""
-    global _INPLACE_SOFTMAX_OK
-    if _INPLACE_SOFTMAX_OK is None:
-        probe = torch.randn(3, 5, 37, generator=torch.Generator().manual_seed(0))
-        expected = probe.softmax(dim=-1)
-        try:
-            torch.ops.aten._softmax.out(probe, -1, False, out=probe)
-            _INPLACE_SOFTMAX_OK = bool(torch.equal(probe, expected))
-        except Exception:  # noqa: BLE001 - any failure means: use the manual version
-            _INPLACE_SOFTMAX_OK = False
-    if _INPLACE_SOFTMAX_OK:
+    if _inplace_softmax_ok(s.device):
         return torch.ops.aten._softmax.out(s, -1, False, out=s)
     m = s.amax(dim=-1, keepdim=True)
     s.sub_(m).exp_()

@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from .grouping import AxisStats, assign_groups, axis_scores, decide_axis, params_view, per_index_qparams
+from .grouping import AxisStats, assign_groups_many, axis_scores, decide_axis, params_view, per_index_qparams
 from .layers import ActQuantizer
 from .observers import _check_prompts, _run_prompts, axes_for
 from .quantizers import uniform_qparams
@@ -161,11 +161,7 @@ def calibrate(
     controller.finish_calibration()
 
     notes = CalibrationNotes()
-    grouped = clamped = 0
-    for q in act_quantizers:
-        g, c = finalize_act_quantizer(q, act_cfg, notes=notes)
-        grouped += g
-        clamped += c
+    grouped, clamped = finalize_act_quantizers(act_quantizers, act_cfg, notes=notes)
     if act_cfg is not None and act_cfg.granularity == "group" and grouped and clamped == grouped:
         raise ValueError(
             f"num_groups={act_cfg.num_groups} is larger than the axis size of every grouped activation "
@@ -224,41 +220,60 @@ def _choose_axis(st, cfg, layout: str) -> str:
 
 def finalize_act_quantizer(q: ActQuantizer, cfg, *, notes: list | None = None) -> tuple[int, int]:
     """Set ``q.params`` for every set it observed; returns (#grouped sets, #sets whose K was clamped)."""
+    return finalize_act_quantizers([q], cfg, notes=notes)
+
+
+def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
+                            n_jobs: int | None = None) -> tuple[int, int]:
+    """Set ``params`` of every quantizer for every set it observed; returns (#grouped sets, #clamped sets).
+
+    Per-tensor sets are finished at once; the grouped ones are planned first and their groups formed in one
+    :func:`~dgq_utils.grouping.assign_groups_many` call (the K-means fits of all layers and timesteps run in
+    parallel worker processes; same ids as one by one).
+    """
     grouped = clamped = 0
+    quantizers = list(quantizers)
+    if not quantizers:
+        return grouped, clamped
     official = cfg.calibration_upstream == "per_tensor_quantized"
-    for i, st in sorted(q.stats.items()):
-        if st.calls == 0:
-            continue
-        two_d = st.shape is not None and len(st.shape) == 1
-        if cfg.granularity == "per_tensor" or two_d:
-            if two_d and cfg.granularity == "group" and official and i in q.params:
-                continue  # official: 2-D inputs keep the per-tensor init of the first batch
-            use_ema = cfg.granularity == "per_tensor" and cfg.range_estimator == "ema"
-            lo, hi = (st.ema_min, st.ema_max) if use_ema else (st.min, st.max)
-            scale, zp = uniform_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), q.bits,
-                                        symmetric=cfg.symmetric, include_zero=True)
-            q.set_params(i, scale, zp, {"axis": "tensor", "k": 1, "requested_k": 1, "n": 1, "ids": None,
-                                        "source": "ema" if use_ema else "minmax"})
-            continue
-        axis = _choose_axis(st, cfg, q.layout)
-        stats: AxisStats | None = st.axis(axis)
-        if stats is None:
-            raise ValueError(f"{q.name}: axis {axis!r} was requested but the input has no such axis "
-                             f"(input shape without batch: {st.shape}).")
-        n = stats.n
-        k_req = int(cfg.num_groups)
-        k = min(k_req, n)
-        grouped += 1
-        if k < k_req:
-            clamped += 1
-        ids = assign_groups(stats, k, method=cfg.grouping, seed=cfg.seed)
+    planned = []  # (quantizer, set index, observed stats, axis, AxisStats, k, requested k)
+    for q in quantizers:
+        for i, st in sorted(q.stats.items()):
+            if st.calls == 0:
+                continue
+            two_d = st.shape is not None and len(st.shape) == 1
+            if cfg.granularity == "per_tensor" or two_d:
+                if two_d and cfg.granularity == "group" and official and i in q.params:
+                    continue  # official: 2-D inputs keep the per-tensor init of the first batch
+                use_ema = cfg.granularity == "per_tensor" and cfg.range_estimator == "ema"
+                lo, hi = (st.ema_min, st.ema_max) if use_ema else (st.min, st.max)
+                scale, zp = uniform_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), q.bits,
+                                            symmetric=cfg.symmetric, include_zero=True)
+                q.set_params(i, scale, zp, {"axis": "tensor", "k": 1, "requested_k": 1, "n": 1, "ids": None,
+                                            "source": "ema" if use_ema else "minmax"})
+                continue
+            axis = _choose_axis(st, cfg, q.layout)
+            stats: AxisStats | None = st.axis(axis)
+            if stats is None:
+                raise ValueError(f"{q.name}: axis {axis!r} was requested but the input has no such axis "
+                                 f"(input shape without batch: {st.shape}).")
+            k_req = int(cfg.num_groups)
+            k = min(k_req, stats.n)
+            grouped += 1
+            if k < k_req:
+                clamped += 1
+            planned.append((q, i, st, axis, stats, k, k_req))
+    all_ids = assign_groups_many([(p[4], p[5]) for p in planned], method=cfg.grouping, seed=cfg.seed,
+                                 n_jobs=n_jobs)
+    for (q, i, st, axis, stats, k, k_req), ids in zip(planned, all_ids):
         scale, zp = per_index_qparams(stats, ids, k, q.bits, include_zero=cfg.group_range_includes_zero,
                                       symmetric=cfg.symmetric)
         dummy_shape = (1,) + tuple(st.shape)
         ch_axis, px_axis = axes_for(torch.empty(dummy_shape, device="meta"), q.layout)
         dims = ch_axis if axis == "channel" else px_axis
         q.set_params(i, params_view(scale, dummy_shape, dims), params_view(zp, dummy_shape, dims),
-                     {"axis": axis, "k": k, "requested_k": k_req, "n": n, "ids": ids.cpu(), "source": "groups"})
+                     {"axis": axis, "k": k, "requested_k": k_req, "n": stats.n, "ids": ids.cpu(),
+                      "source": "groups"})
     return grouped, clamped
 
 

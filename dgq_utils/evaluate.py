@@ -421,7 +421,7 @@ def run_comparison(
             return model()
         from .loading import load_pipeline  # the world helper's loader (embedded default or id/path)
 
-        return load_pipeline(model)
+        return load_pipeline(model, device=device)
 
     fp_pipe = fresh_pipe()
     pipe_holder["pipe"] = fp_pipe
@@ -658,7 +658,8 @@ def run_embedded_comparison(
         from .loading import load_pipeline
 
         pipe_dir = dirs["pipeline"]
-        model = lambda: load_pipeline(pipe_dir if embedded_dir is not None else None)  # noqa: E731
+        device = kwargs.get("device", "cpu")
+        model = lambda: load_pipeline(pipe_dir if embedded_dir is not None else None, device=device)  # noqa: E731
     if "clip_score" in metrics and "clip_scorer" not in kwargs:
         kwargs["clip_scorer"] = M.ClipScorer.from_embedded(dirs["clip"])
     if "alignment" in metrics and "alignment_evaluator" not in kwargs:

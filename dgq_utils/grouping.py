@@ -61,6 +61,7 @@ __all__ = [
     "axis_scores",
     "decide_axis",
     "assign_groups",
+    "assign_groups_many",
     "group_ranges",
     "group_qparams",
     "per_index_qparams",
@@ -282,18 +283,89 @@ def assign_groups(stats: AxisStats, num_groups: int, method: str = "kmeans", see
         ids[order] = torch.repeat_interleave(torch.arange(k), _block_sizes(n, k))
         return ids.to(device)
 
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
+    return torch.from_numpy(_kmeans_ids(_kmeans_points(stats), k, int(seed))).long().to(device)
 
+
+def _kmeans_points(stats: AxisStats) -> np.ndarray:
     points = torch.stack([stats.mins, stats.maxs], dim=1).cpu().numpy().astype(np.float32)
     if not np.isfinite(points).all():
         raise ValueError("assign_groups got non-finite statistics (NaN/inf in mins or maxs); check the observer.")
+    return points
+
+
+def _kmeans_ids(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Canonical K-means labels of ``points`` (one k-means++ run, ``random_state=seed``)."""
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         # "Number of distinct clusters (m) found smaller than n_clusters (k)": handled below (empty top groups).
         warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(n_clusters=k, random_state=int(seed), n_init=1, init="k-means++")
+        km = KMeans(n_clusters=k, random_state=seed, n_init=1, init="k-means++")
         labels = km.fit_predict(points)
-    return torch.from_numpy(_canonical_labels(np.asarray(labels), points)).long().to(device)
+    return _canonical_labels(np.asarray(labels), points)
+
+
+def _kmeans_chunk(chunk: list[tuple[np.ndarray, int, int]]) -> list[np.ndarray]:
+    return [_kmeans_ids(points, k, seed) for points, k, seed in chunk]
+
+
+#: Below this many K-means fits :func:`assign_groups_many` stays in-process (a worker pool costs ~1 s to start).
+PARALLEL_MIN_FITS = 64
+
+
+def kmeans_workers(n_jobs: int | None = None) -> int:
+    """Worker processes for :func:`assign_groups_many`: ``n_jobs`` if given, else the ``DGQ_KMEANS_JOBS``
+    environment variable, else the CPUs this process may use."""
+    import os
+
+    if n_jobs is None:
+        env = os.environ.get("DGQ_KMEANS_JOBS", "").strip()
+        if env:
+            try:
+                n_jobs = int(env)
+            except ValueError:
+                raise ValueError(f"DGQ_KMEANS_JOBS must be a positive integer; got {env!r}.") from None
+        else:
+            n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(n_jobs, bool) or int(n_jobs) < 1:
+        raise ValueError(f"n_jobs must be >= 1; got {n_jobs!r}.")
+    return int(n_jobs)
+
+
+def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kmeans", seed: int = 0,
+                       n_jobs: int | None = None) -> list[Tensor]:
+    """:func:`assign_groups` for many ``(stats, num_groups)`` pairs; returns the same ids, in order.
+
+    Calibrating DGQ runs one K-means per (layer, timestep) -- about 4000 small fits for a 25-step schedule,
+    each a few milliseconds of mostly Python overhead in scikit-learn, so threads do not help. With
+    ``method="kmeans"`` and at least :data:`PARALLEL_MIN_FITS` fits, they run in ``n_jobs`` worker processes
+    (joblib's loky backend, which scikit-learn itself uses; default :func:`kmeans_workers`). Each fit is seeded
+    on its own, so the result does not depend on the number of workers.
+    """
+    jobs = list(jobs)
+    if method != "kmeans" or not jobs:
+        return [assign_groups(s, k, method=method, seed=seed) for s, k in jobs]
+    for s, _ in jobs:
+        if not isinstance(s, AxisStats):
+            raise ValueError(f"assign_groups_many needs AxisStats; got {type(s).__name__}.")
+    ks = [_check_num_groups(k, s.n) for s, k in jobs]
+    todo = [(i, _kmeans_points(s), k) for i, ((s, _), k) in enumerate(zip(jobs, ks)) if k > 1]
+    workers = min(kmeans_workers(n_jobs), max(1, len(todo) // 16))
+    payload = [(points, k, int(seed)) for _, points, k in todo]
+    if workers == 1 or len(todo) < PARALLEL_MIN_FITS:
+        labels = _kmeans_chunk(payload)
+    else:
+        from joblib import Parallel, delayed
+
+        size = math.ceil(len(payload) / (4 * workers))
+        chunks = [payload[a:a + size] for a in range(0, len(payload), size)]
+        labels = [ids for part in Parallel(n_jobs=workers, backend="loky")(delayed(_kmeans_chunk)(c) for c in chunks)
+                  for ids in part]
+    out: list[Tensor] = [torch.zeros(s.n, dtype=torch.long, device=s.mins.device) for s, _ in jobs]
+    for (i, _, _), ids in zip(todo, labels):
+        out[i] = torch.from_numpy(ids).long().to(jobs[i][0].mins.device)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ what the paper's evaluation used for its 512 → 256 resize).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -339,7 +340,7 @@ def _items_identity(items) -> list[str]:
     out = []
     for x in items:
         if torch.is_tensor(x):
-            out.append(hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest())
+            out.append(hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         else:
             p = Path(x)
             st = p.stat()
@@ -396,11 +397,15 @@ def extract_features(
             except (OSError, KeyError, ValueError, EOFError):
                 pass  # corrupt cache entry: recompute below and overwrite it
     kwargs = {"feature_extractor_weights_path": weights, "verbose": verbose}
-    fe = create_feature_extractor(extractor, layers, cuda=(device == "cuda"), **kwargs)
-    if device not in ("cpu", "cuda"):
-        fe = fe.to(device)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    fe = create_feature_extractor(extractor, layers, cuda=cuda, **kwargs)
+    if dev.type not in ("cpu", "cuda") or dev.index is not None:
+        fe = fe.to(dev)
     ds = _ImageDataset(items, size)
-    feats = get_featuresdict_from_dataset(ds, fe, batch_size, device == "cuda", True, verbose)
+    # torch-fidelity moves each batch with ``.cuda()`` (the current CUDA device): make that ``dev`` for "cuda:N"
+    with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
+        feats = get_featuresdict_from_dataset(ds, fe, batch_size, cuda, True, verbose)
     out = {k: v.detach().cpu().numpy() for k, v in feats.items()}
     if cache_file is not None:
         atomic_save_npz(cache_file, **out)
@@ -697,7 +702,7 @@ class ClipScorer:
             raise ValueError(f"{len(x)} images but {len(texts)} texts; CLIP score pairs image i with text i")
         if len(texts) == 0:
             raise ValueError("no images/texts to score")
-        cos = (self.encode_images(x) * self.encode_texts(texts)).sum(-1).double().numpy()
+        cos = (self.encode_images(x) * self.encode_texts(texts)).sum(-1).double().cpu().numpy()
         return 100.0 * np.clip(cos, 0, None) if convention == "torchmetrics" else cos
 
 

@@ -162,7 +162,8 @@ class TensorStats:
             flat = xd.reshape(-1)
             step = max(1, flat.numel() // _PERCENTILE_SAMPLES)
             sample = flat[::step].abs().float()
-            qs = torch.quantile(sample, torch.tensor([p / 100.0 for p in percentiles]))
+            levels = torch.tensor([p / 100.0 for p in percentiles], dtype=sample.dtype, device=sample.device)
+            qs = torch.quantile(sample, levels)
             for p, q in zip(percentiles, qs.tolist()):
                 self.abs_percentiles[p] = self.abs_percentiles.get(p, 0.0) + q
 
@@ -198,11 +199,11 @@ class AttentionStats:
         b, h, _, nk = p.shape
         start = p[..., 0].mean(dim=2)  # (B, h): mean over queries
         mx = p.amax(dim=(0, 2, 3))
-        mx_rest = p[..., 1:].amax(dim=(0, 2, 3)) if nk > 1 else torch.zeros(h)
-        edges = torch.tensor(LOG2_HIST_EDGES)
+        mx_rest = p[..., 1:].amax(dim=(0, 2, 3)) if nk > 1 else torch.zeros(h, device=p.device)
+        edges = torch.tensor(LOG2_HIST_EDGES, device=p.device)
         logp = p.clamp_min(2.0**-126).log2().transpose(0, 1).reshape(h, -1)  # (h, everything)
         idx = torch.bucketize(logp, edges)  # 0: <= -30, ..., len(edges): > 0 (never)
-        hist = torch.zeros(h, len(edges) + 1, dtype=torch.float64)
+        hist = torch.zeros(h, len(edges) + 1, dtype=torch.float64, device=p.device)
         hist.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
         if self.start_mass_sum is None:
             self.heads, self.num_keys = h, nk
@@ -322,13 +323,16 @@ class ActivationStats:
         rows = []
         for name, (kind, per_t) in self.attention.items():
             for ti, st in sorted(per_t.items()):
+                # one device -> host copy per tensor (the statistics live on the model's device)
+                sms, smm, mp, mpe = (t.cpu() for t in (st.start_mass_sum, st.start_mass_max, st.max_prob,
+                                                        st.max_prob_excl_start))
                 for h in range(st.heads):
                     rows.append({
                         "layer": name, "kind": kind, "timestep_index": ti, "timestep": self._t(ti), "head": h,
-                        "start_mass": float(st.start_mass_sum[h]) / max(st.samples, 1),
-                        "start_mass_max": float(st.start_mass_max[h]),
-                        "max_prob": float(st.max_prob[h]),
-                        "max_prob_excl_start": float(st.max_prob_excl_start[h]),
+                        "start_mass": float(sms[h]) / max(st.samples, 1),
+                        "start_mass_max": float(smm[h]),
+                        "max_prob": float(mp[h]),
+                        "max_prob_excl_start": float(mpe[h]),
                         "num_keys": st.num_keys, "samples": st.samples,
                     })
         return pd.DataFrame(rows)
@@ -344,7 +348,7 @@ class ActivationStats:
         rows = []
         for name, (kind, per_t) in self.attention.items():
             for ti, st in sorted(per_t.items()):
-                hist = st.hist if per_head else st.hist.sum(0, keepdim=True)
+                hist = (st.hist if per_head else st.hist.sum(0, keepdim=True)).cpu()
                 for h in range(hist.shape[0]):
                     for b in range(len(LOG2_HIST_EDGES)):
                         row = {"layer": name, "kind": kind, "timestep_index": ti, "timestep": self._t(ti),

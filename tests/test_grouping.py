@@ -10,7 +10,9 @@ from dgq_utils.grouping import (
     AXIS_RULES,
     AxisStats,
     assign_groups,
+    assign_groups_many,
     axis_scores,
+    kmeans_workers,
     decide_axis,
     fake_quant_along_axis,
     group_qparams,
@@ -158,6 +160,41 @@ def test_kmeans_is_deterministic_and_canonical():
     # canonical order: group g's mean max increases with g; here that maps true cluster (0,2,1,3) -> (0,1,2,3)
     expected = torch.tensor([0, 2, 1, 3])[true]
     assert torch.equal(ids[0], expected)
+
+
+def test_assign_groups_many_matches_one_by_one_in_parallel_and_serially():
+    """The batched K-means (worker processes) gives exactly the ids of assign_groups, in order, for any n_jobs."""
+    g = _gen(3)
+    jobs = []
+    for j in range(70):  # >= PARALLEL_MIN_FITS, so n_jobs=2 really uses the worker pool
+        n = 8 + j % 13
+        mins = -torch.rand(n, generator=g) * (1 + j)
+        jobs.append((AxisStats(mins, mins.abs() + torch.rand(n, generator=g) * 5), 1 + j % 6))
+    jobs.append((AxisStats(torch.zeros(5), torch.ones(5)), 3))  # fewer distinct points than K
+    expected = [assign_groups(s, k, "kmeans", seed=2) for s, k in jobs]
+    for n_jobs in (1, 2):
+        got = assign_groups_many(jobs, "kmeans", seed=2, n_jobs=n_jobs)
+        assert len(got) == len(jobs)
+        for a, b in zip(got, expected):
+            assert a.dtype == torch.long and torch.equal(a, b)
+    s, _ = _clustered_stats()
+    assert torch.equal(assign_groups_many([(s, 4)], "sorted")[0], assign_groups(s, 4, "sorted"))
+    assert assign_groups_many([], "kmeans") == []
+    with pytest.raises(ValueError, match="larger than"):
+        assign_groups_many([(s, s.n + 1)], "kmeans")
+
+
+def test_kmeans_workers_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("DGQ_KMEANS_JOBS", "3")
+    assert kmeans_workers() == 3
+    assert kmeans_workers(5) == 5
+    monkeypatch.setenv("DGQ_KMEANS_JOBS", "many")
+    with pytest.raises(ValueError, match="DGQ_KMEANS_JOBS"):
+        kmeans_workers()
+    monkeypatch.delenv("DGQ_KMEANS_JOBS")
+    assert kmeans_workers() >= 1
+    with pytest.raises(ValueError, match=">= 1"):
+        kmeans_workers(0)
 
 
 def test_kmeans_labels_follow_points_not_index_order():

@@ -102,7 +102,7 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     import numpy as np
     from scipy import linalg
 
-    a, b = f1.double().numpy(), f2.double().numpy()
+    a, b = f1.detach().double().cpu().numpy(), f2.detach().double().cpu().numpy()
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The report chain on the GPU machine (no diffusers / papermill / jupyter there: they travel as wheels in .whl/).
+#
+#   bash scripts/gpu_report.sh OUTDIR [report args...]
+#   e.g. bash scripts/gpu_report.sh $OUT -p device cuda -p n_prompts 2000 -p n_ablation 1000 -p batch_size 250
+#
+# Runs `python -m dgq_utils.report` with the arguments given, into OUTDIR/report (executed notebooks + HTML),
+# with the figures and tables written to the repository's figures/ and results/ as on any machine; then packs
+# figures/, results/ and the executed notebooks into OUTDIR/report.tgz (what the device tool brings back),
+# and logs nvidia-smi, the package versions and the wall time of the whole call to OUTDIR/env.txt.
+set -o pipefail
+OUTDIR=${1:?usage: gpu_report.sh OUTDIR [report args...]}
+shift
+mkdir -p "$OUTDIR"
+start=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export JUPYTER_PATH=/tmp/site/share/jupyter   # nbconvert's HTML templates installed with --target
+export PATH=/tmp/site/bin:$PATH
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nproc
+  python3 -c "import torch, diffusers, transformers, papermill, nbconvert, torch_fidelity, torchmetrics; \
+print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'transformers', transformers.__version__, 'papermill', papermill.__version__, 'torchmetrics', torchmetrics.__version__)"
+} 2>&1 | tee "$OUTDIR/env.txt"
+python3 -m dgq_utils.report --out outputs/report "$@" 2>&1 | tee "$OUTDIR/report.log"
+rc=$?
+echo "report rc=$rc, wall $(( $(date +%s) - start )) s (wheel install included)" | tee -a "$OUTDIR/env.txt"
+tar czf "$OUTDIR/report.tgz" figures results outputs/report outputs/quick 2>/dev/null
+ls -la "$OUTDIR"
+exit $rc
