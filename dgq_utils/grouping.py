@@ -44,7 +44,6 @@ last dim vs dim 1, i.e. swapped relative to Linear layers) lives in the integrat
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .kmeans import kmeans_ids, kmeans_many
 from .quantizers import check_bits, fake_quant_uniform, uniform_qparams
 
 __all__ = [
@@ -241,21 +241,6 @@ def _block_sizes(n: int, k: int) -> Tensor:
     return torch.full((k,), n // k, dtype=torch.long) + (torch.arange(k) < n % k).long()
 
 
-def _canonical_labels(labels: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Renumber cluster labels 0..k_eff-1 by (mean max, mean min, smallest member index) ascending."""
-    uniq, inv = np.unique(labels, return_inverse=True)
-    k_eff = len(uniq)
-    counts = np.bincount(inv, minlength=k_eff).astype(np.float64)
-    mean_min = np.bincount(inv, weights=points[:, 0].astype(np.float64), minlength=k_eff) / counts
-    mean_max = np.bincount(inv, weights=points[:, 1].astype(np.float64), minlength=k_eff) / counts
-    first = np.full(k_eff, len(labels), dtype=np.int64)
-    np.minimum.at(first, inv, np.arange(len(labels)))
-    order = np.lexsort((first, mean_min, mean_max))  # last key is primary
-    rank = np.empty(k_eff, dtype=np.int64)
-    rank[order] = np.arange(k_eff)
-    return rank[inv]
-
-
 def assign_groups(stats: AxisStats, num_groups: int, method: str = "kmeans", seed: int = 0) -> Tensor:
     """Group id (``LongTensor (n,)``, values in ``[0, num_groups)``) for every index of ``stats``.
 
@@ -283,7 +268,7 @@ def assign_groups(stats: AxisStats, num_groups: int, method: str = "kmeans", see
         ids[order] = torch.repeat_interleave(torch.arange(k), _block_sizes(n, k))
         return ids.to(device)
 
-    return torch.from_numpy(_kmeans_ids(_kmeans_points(stats), k, int(seed))).long().to(device)
+    return torch.from_numpy(kmeans_ids(_kmeans_points(stats), k, int(seed))).long().to(device)
 
 
 def _kmeans_points(stats: AxisStats) -> np.ndarray:
@@ -291,23 +276,6 @@ def _kmeans_points(stats: AxisStats) -> np.ndarray:
     if not np.isfinite(points).all():
         raise ValueError("assign_groups got non-finite statistics (NaN/inf in mins or maxs); check the observer.")
     return points
-
-
-def _kmeans_ids(points: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Canonical K-means labels of ``points`` (one k-means++ run, ``random_state=seed``)."""
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings():
-        # "Number of distinct clusters (m) found smaller than n_clusters (k)": handled below (empty top groups).
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(n_clusters=k, random_state=seed, n_init=1, init="k-means++")
-        labels = km.fit_predict(points)
-    return _canonical_labels(np.asarray(labels), points)
-
-
-def _kmeans_chunk(chunk: list[tuple[np.ndarray, int, int]]) -> list[np.ndarray]:
-    return [_kmeans_ids(points, k, seed) for points, k, seed in chunk]
 
 
 #: Below this many K-means fits :func:`assign_groups_many` stays in-process (a worker pool costs ~1 s to start).
@@ -339,9 +307,11 @@ def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kme
 
     Calibrating DGQ runs one K-means per (layer, timestep) -- about 4000 small fits for a 25-step schedule,
     each a few milliseconds of mostly Python overhead in scikit-learn, so threads do not help. With
-    ``method="kmeans"`` and at least :data:`PARALLEL_MIN_FITS` fits, they run in ``n_jobs`` worker processes
-    (joblib's loky backend, which scikit-learn itself uses; default :func:`kmeans_workers`). Each fit is seeded
-    on its own, so the result does not depend on the number of workers.
+    ``method="kmeans"`` and at least :data:`PARALLEL_MIN_FITS` new fits, they run in ``n_jobs`` worker processes
+    (joblib's loky backend, which scikit-learn itself uses; default :func:`kmeans_workers`); fits whose exact
+    input was seen before in this process are answered from a memo (DGQ's W8A8 / W8A6 / W4A8 recipes, and
+    ablations that change only the attention, observe the same FP statistics and so share their groups). Each
+    fit is seeded on its own, so the result depends neither on the number of workers nor on the memo.
     """
     jobs = list(jobs)
     if method != "kmeans" or not jobs:
@@ -351,17 +321,8 @@ def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kme
             raise ValueError(f"assign_groups_many needs AxisStats; got {type(s).__name__}.")
     ks = [_check_num_groups(k, s.n) for s, k in jobs]
     todo = [(i, _kmeans_points(s), k) for i, ((s, _), k) in enumerate(zip(jobs, ks)) if k > 1]
-    workers = min(kmeans_workers(n_jobs), max(1, len(todo) // 16))
-    payload = [(points, k, int(seed)) for _, points, k in todo]
-    if workers == 1 or len(todo) < PARALLEL_MIN_FITS:
-        labels = _kmeans_chunk(payload)
-    else:
-        from joblib import Parallel, delayed
-
-        size = math.ceil(len(payload) / (4 * workers))
-        chunks = [payload[a:a + size] for a in range(0, len(payload), size)]
-        labels = [ids for part in Parallel(n_jobs=workers, backend="loky")(delayed(_kmeans_chunk)(c) for c in chunks)
-                  for ids in part]
+    labels = kmeans_many([(points, k, int(seed)) for _, points, k in todo], n_jobs=kmeans_workers(n_jobs),
+                         min_parallel=PARALLEL_MIN_FITS)
     out: list[Tensor] = [torch.zeros(s.n, dtype=torch.long, device=s.mins.device) for s, _ in jobs]
     for (i, _, _), ids in zip(todo, labels):
         out[i] = torch.from_numpy(ids).long().to(jobs[i][0].mins.device)

@@ -6,7 +6,8 @@
 #
 # Runs `python -m dgq_utils.report` with the arguments given, into OUTDIR/report (executed notebooks + HTML),
 # with the figures and tables written to the repository's figures/ and results/ as on any machine; then packs
-# figures/, results/ and the executed notebooks into OUTDIR/report.tgz (what the device tool brings back),
+# figures/, results/ and the executed notebooks into OUTDIR/report.tgz.* (what the device tool brings back;
+# `cat report.tgz.* | tar xz` unpacks it),
 # and logs nvidia-smi, the package versions and the wall time of the whole call to OUTDIR/env.txt.
 set -o pipefail
 OUTDIR=${1:?usage: gpu_report.sh OUTDIR [report args...]}
@@ -25,9 +26,13 @@ export PATH=/tmp/site/bin:$PATH
 print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__, \
 'transformers', transformers.__version__, 'papermill', papermill.__version__, 'torchmetrics', torchmetrics.__version__)"
 } 2>&1 | tee "$OUTDIR/env.txt"
-python3 -m dgq_utils.report --out outputs/report "$@" 2>&1 | tee "$OUTDIR/report.log"
+# REPORT_TIMEOUT (s, default 560) stops the chain early enough that the packing below still runs inside the
+# device call's limit: a stopped chain still brings back what it finished (with rc 124).
+timeout "${REPORT_TIMEOUT:-560}" python3 -m dgq_utils.report --out outputs/report "$@" 2>&1 | tee "$OUTDIR/report.log"
 rc=$?
 echo "report rc=$rc, wall $(( $(date +%s) - start )) s (wheel install included)" | tee -a "$OUTDIR/env.txt"
-tar czf "$OUTDIR/report.tgz" figures results outputs/report outputs/quick 2>/dev/null
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader >> "$OUTDIR/env.txt" 2>&1
+# the device tool brings back files of at most 16 MiB: split the archive
+tar czf - figures results outputs/report outputs/quick 2>/dev/null | split -b 15m - "$OUTDIR/report.tgz."
 ls -la "$OUTDIR"
 exit $rc

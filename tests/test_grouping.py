@@ -23,6 +23,7 @@ from dgq_utils.grouping import (
     plan_groups,
     quantization_error,
 )
+from dgq_utils import kmeans as kmeans_memo
 from dgq_utils.quantizers import fake_quant_uniform, uniform_qparams
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -172,7 +173,9 @@ def test_assign_groups_many_matches_one_by_one_in_parallel_and_serially():
         jobs.append((AxisStats(mins, mins.abs() + torch.rand(n, generator=g) * 5), 1 + j % 6))
     jobs.append((AxisStats(torch.zeros(5), torch.ones(5)), 3))  # fewer distinct points than K
     expected = [assign_groups(s, k, "kmeans", seed=2) for s, k in jobs]
-    for n_jobs in (1, 2):
+    for n_jobs, fresh in ((1, True), (2, True), (2, False)):  # the last pass is answered by the memo
+        if fresh:
+            kmeans_memo.clear_memo()
         got = assign_groups_many(jobs, "kmeans", seed=2, n_jobs=n_jobs)
         assert len(got) == len(jobs)
         for a, b in zip(got, expected):
@@ -182,6 +185,23 @@ def test_assign_groups_many_matches_one_by_one_in_parallel_and_serially():
     assert assign_groups_many([], "kmeans") == []
     with pytest.raises(ValueError, match="larger than"):
         assign_groups_many([(s, s.n + 1)], "kmeans")
+
+
+def test_kmeans_memo_returns_copies_and_keys_on_points_k_and_seed():
+    import numpy as np
+
+    kmeans_memo.clear_memo()
+    pts = np.random.default_rng(0).normal(size=(30, 2)).astype(np.float32)
+    first = kmeans_memo.kmeans_many([(pts, 4, 0), (pts, 4, 0), (pts, 3, 0), (pts, 4, 1)])
+    assert len(kmeans_memo._memo) == 3  # duplicates inside one call are fitted once
+    assert np.array_equal(first[0], first[1]) and first[0] is not first[1]
+    first[0][:] = -1  # callers may modify what they get: the memo keeps its own copy
+    again = kmeans_memo.kmeans_many([(pts, 4, 0)])[0]
+    assert np.array_equal(again, kmeans_memo.kmeans_ids(pts, 4, 0))
+    moved = pts.copy()
+    moved[0, 0] += 1e-3  # any change of the input is a new fit
+    kmeans_memo.kmeans_many([(moved, 4, 0)])
+    assert len(kmeans_memo._memo) == 4
 
 
 def test_kmeans_workers_reads_the_environment(monkeypatch):
