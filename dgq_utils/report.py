@@ -4,8 +4,9 @@
     python -m dgq_utils.report --quick               # tiny N (what CI runs)
     python -m dgq_utils.report -p model_id /path/to/stable-diffusion-v1-4 -p device cuda -p n_prompts 2000
 
-Every notebook gets the same parameters (papermill injects only those its `parameters` cell declares, so a
-notebook that does not use ``device`` simply ignores it). Executed copies and HTML exports go to the output
+Every notebook gets the parameters its `parameters` cell declares (so ``-p n_prompts 2000`` reaches 04-06 and
+not 01-03); a name that no notebook of the chain declares (a typo such as ``-p n_promts``) stops the chain
+before anything runs, instead of being silently ignored. Executed copies and HTML exports go to the output
 folder; the source notebooks stay output-free. A failing cell stops the chain with a message naming the
 notebook, the cell and the error.
 
@@ -91,8 +92,14 @@ def run_chain(
     log = log or (lambda message: print(message, flush=True))
     parameters = dict(parameters or {})
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     books = [Path(b) for b in (notebooks or list_notebooks())]
+    declared = {book: set(pm.inspect_notebook(str(book))) for book in books}
+    unknown = sorted(set(parameters) - set().union(*declared.values()))
+    if unknown:
+        known = ", ".join(sorted(set().union(*declared.values())))
+        raise ChainError(f"unknown parameter(s) {', '.join(unknown)}: no notebook of the chain declares them. "
+                         f"Parameters they declare: {known}.")
+    out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[NotebookRun] = []
     total = len(books)
     for i, book in enumerate(books, 1):
@@ -103,7 +110,7 @@ def run_chain(
             pm.execute_notebook(
                 str(book),
                 str(target),
-                parameters=parameters,
+                parameters={k: v for k, v in parameters.items() if k in declared[book]},
                 kernel_name=kernel_name,
                 progress_bar=False,
                 cwd=str(book.parent),

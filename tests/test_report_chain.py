@@ -49,3 +49,21 @@ def test_parameter_values_parse_as_literals():
 def test_no_notebooks_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No numbered notebooks"):
         list_notebooks(tmp_path)
+
+
+def test_each_notebook_gets_only_what_it_declares_and_typos_stop_the_chain(tmp_path):
+    src = tmp_path / "nb"
+    src.mkdir()
+    _notebook(src / "01_first.ipynb", ["assert x == 3"])
+    nb = nbformat.v4.new_notebook()  # declares y, not x
+    params = nbformat.v4.new_code_cell("y = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("assert y == 4 and 'x' not in globals()")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, src / "02_second.ipynb")
+    run_chain({"x": 3, "y": 4}, out_dir=tmp_path / "out", notebooks=list_notebooks(src), html=False,
+              log=lambda m: None)
+    with pytest.raises(ChainError, match=r"unknown parameter\(s\) n_promts.*declare: quick, x, y"):
+        run_chain({"n_promts": 5}, out_dir=tmp_path / "out2", notebooks=list_notebooks(src), html=False,
+                  log=lambda m: None)
+    assert not (tmp_path / "out2").exists()  # nothing ran
