@@ -120,3 +120,14 @@ def test_fp_alignment_on_a_few_one_object_prompts(evaluator):
     s = W.sample_scenes(16, "test", seed=101, p_two=0.0)
     ims = generate(pipe, W.captions(s), batch_size=16)
     assert evaluator.score(ims, s)["whole"].float().mean() >= 0.6
+
+
+@needs_weights
+def test_world_tokenizer_rebuilds_the_shipped_vocabulary(tmp_path):
+    """The shipped model's token ids come from the shared word-level vocabulary writer: rebuilding it gives the
+    same files, so the model's embedding rows keep their meaning."""
+    from dgq_utils.world.text import build_world_tokenizer
+
+    build_world_tokenizer(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / name).read_bytes() == (EMB / "pipeline" / "tokenizer" / name).read_bytes(), name

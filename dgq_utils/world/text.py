@@ -16,91 +16,16 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from dgq_utils.tokenizer import BOS, EOS, check_word_level_tokenizer
+from dgq_utils.tokenizer import check_word_level_tokenizer, write_word_level_vocab
 
 from . import scenes as W
 
 MAX_LENGTH = 77
 
 
-_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"
-
-
-def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's greedy byte-pair merge loop (lowest rank first, all occurrences at once)."""
-    pieces = list(pieces)
-    while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
-        pairs = [(r, i) for r, i in pairs if r is not None]
-        if not pairs:
-            break
-        r = min(pairs)[0]
-        a, b = [k for k, v in ranks.items() if v == r][0]
-        out, i = [], 0
-        while i < len(pieces):
-            if i < len(pieces) - 1 and pieces[i] == a and pieces[i + 1] == b:
-                out.append(a + b)
-                i += 2
-            else:
-                out.append(pieces[i])
-                i += 1
-        pieces = out
-    return pieces
-
-
-def write_world_vocab(words, folder: str | Path, model_max_length: int = MAX_LENGTH) -> Path:
-    """Write ``vocab.json``/``merges.txt``/tokenizer config for a word-level ``CLIPTokenizer``.
-
-    Same file format as :func:`dgq_utils.tokenizer.write_word_level_vocab`, but the merges are built by
-    *simulating* the greedy BPE loop word by word: each new word is first merged with the merges already
-    written, and only the remaining pieces get new (higher-ranked) merges. Merges written for earlier words
-    therefore never break a later word and vice versa. (Plain left-to-right merges per word, ranked in
-    word order, do break words whose inner character pairs are another word's first merge: 'cyan',
-    'orange', 'triangle' fall apart in this vocabulary.)
-    """
-    import json
-
-    words = sorted({w.strip().lower() for w in words if w and w.strip()})
-    bad = [w for w in words if any(c not in _CHARS for c in w)]
-    if bad:
-        raise ValueError(f"Words may only use the characters {_CHARS!r}; these do not: {bad[:5]}.")
-    vocab: dict[str, int] = {}
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    for c in _CHARS:
-        add(c)
-        add(c + "</w>")
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in ranks:
-                ranks[pair] = len(ranks)
-            add(pieces[0] + pieces[1])
-            pieces = _bpe(pieces, ranks)
-        if pieces != [word + "</w>"]:
-            raise RuntimeError(f"Could not build a single-token merge chain for {word!r}: {pieces}")
-    add(BOS)
-    add(EOS)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = sorted(ranks, key=ranks.get)
-    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "bos_token": BOS,
-              "eos_token": EOS, "unk_token": EOS, "pad_token": EOS, "do_lower_case": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2))
-    return folder
-
-
 def build_world_tokenizer(folder: str | Path, model_max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """Write and load the world's tokenizer in ``folder``; checks that each word is one token."""
-    write_world_vocab(W.vocabulary(), folder, model_max_length)
+    write_word_level_vocab(W.vocabulary(), folder, model_max_length)
     tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     check_word_level_tokenizer(tok, W.vocabulary())
     return tok
