@@ -8,13 +8,13 @@ cost nothing), and the quantized pipeline -- so drifting machine load hits all a
 Reported: median per-step time of each variant, ratio quantized / pristine FP, the per-round ratios, and the
 quantize (calibration) time. Goal: ratio <= 1.5.
 
-Model (``--size auto``, default): the embedded model from ``dgq_utils.loading.load_pipeline()`` when that module
-and its weights exist, else a mid-size random-weight SD-like pipeline (``--size mid``: UNet widths 128/256/256,
+Model (``--size auto``, default): the embedded model from ``dgq_utils.loading.load_pipeline()`` when its weights
+exist, else a mid-size random-weight SD-like pipeline (``--size mid``: UNet widths 128/256/256,
 2 layers per block, 8 heads, 32x32 latents = 256 px images, 41 M UNet parameters); ``--model`` loads any local
 SD v1.x folder. The tiny test pipeline is available as ``--size tiny`` but is dominated by Python
 overhead and not meaningful for this ratio.
 
-Results go to ``benchmarks/results/overhead_cpu.json`` and ``.md`` (written atomically: temp file + os.replace).
+Results go to ``benchmarks/results/overhead_cpu.json`` and ``.md`` (written atomically with ``dgq_utils.atomic``).
 
     python benchmarks/bench_overhead.py [--recipe dgq-w8a6] [--steps 4] [--repeats 3] [--threads N] [--size auto] [--model PATH]
 """
@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dgq_utils.atomic import atomic_write_text  # noqa: E402
+from dgq_utils.loading import load_pipeline  # noqa: E402
 from dgq_utils.pipeline import (dequantize_pipeline, load_quant_state, quantize_pipeline,  # noqa: E402
                                 save_quant_state, set_quantization_enabled)
 from dgq_utils.tiny import TINY_PROMPTS, build_tiny_pipeline  # noqa: E402
@@ -48,15 +50,9 @@ SIZES = {
 
 def build_pipeline(model: str | None, size: str):
     """``--model`` or the embedded model (``--size auto``/``embedded``) via dgq_utils.loading, else random."""
-    try:
-        from dgq_utils.loading import load_pipeline  # optional module
-    except ImportError:
-        load_pipeline = None
     if model is not None:
-        if load_pipeline is None:
-            raise SystemExit("--model needs dgq_utils.loading.load_pipeline, which is not available.")
         return load_pipeline(model), f"load_pipeline({model!r})"
-    if size in ("auto", "embedded") and load_pipeline is not None:
+    if size in ("auto", "embedded"):
         try:
             return load_pipeline(), "embedded model (load_pipeline())"
         except FileNotFoundError as err:
@@ -93,20 +89,6 @@ class StepTimer:
 def generate(pipe, prompts, steps, seed=0):
     pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.5,
          generator=torch.Generator().manual_seed(seed), output_type="latent")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def main(argv=None):
@@ -205,8 +187,8 @@ def main(argv=None):
     text = "\n".join(md)
     print(text)
     out = Path(args.out)
-    atomic_write(out.with_suffix(".json"), json.dumps(result, indent=2))
-    atomic_write(out.with_suffix(".md"), text)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2))
+    atomic_write_text(out.with_suffix(".md"), text)
     return result
 
 

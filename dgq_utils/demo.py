@@ -50,20 +50,15 @@ def demo_recipes() -> list:
 
 def load_demo_pipeline(model: str | None = None):
     """``(pipe, description, default_prompts)``: --model, else the embedded model, else the tiny pipeline."""
-    try:
-        from .loading import load_pipeline
-    except ImportError:
-        load_pipeline = None
+    from .loading import load_pipeline
+
     if model is not None:
-        if load_pipeline is None:
-            raise SystemExit("--model needs dgq_utils.loading.load_pipeline, which is not available.")
         return load_pipeline(model), f"model {model}", GENERIC_PROMPTS
-    if load_pipeline is not None:
-        try:
-            pipe = load_pipeline()
-            return pipe, "embedded model", _world_prompts() or GENERIC_PROMPTS
-        except FileNotFoundError as err:  # embedded weights not there (yet)
-            logger.warning("embedded model unavailable (%s); using the tiny random pipeline", err)
+    try:
+        pipe = load_pipeline()
+        return pipe, "embedded model", _world_prompts() or GENERIC_PROMPTS
+    except FileNotFoundError as err:  # embedded weights not there (yet)
+        logger.warning("embedded model unavailable (%s); using the tiny random pipeline", err)
     from .tiny import TINY_PROMPTS, build_tiny_pipeline
 
     return build_tiny_pipeline(), "tiny random-weight pipeline", TINY_PROMPTS

@@ -41,7 +41,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -51,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write_bytes
 from .attention import DGQAttnProcessor, ProbQuantizer
 from .calibrate import calibrate, needs_calibration
 from .config import QuantRecipe, get_preset
@@ -429,7 +429,7 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
     ``quantizers`` (per set: axis, K, n, source), ``calibration`` (steps, sampler and its config, timesteps, seed,
     prompts count, guidance, resolution), ``skipped``. The FP weights are *not* stored: load onto the same model.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     qs = _require_state(pipe)
     tensors: dict[str, torch.Tensor] = {}
@@ -467,19 +467,7 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
         "controller": json.dumps(qs.controller.to_dict()),
         "skipped": json.dumps(qs.skipped),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _check_architecture(saved: list[dict], current: list[dict], path) -> None:
