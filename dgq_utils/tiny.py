@@ -81,6 +81,23 @@ def build_tiny_tokenizer(words=TINY_WORDS, model_max_length: int = 77):
         return build_word_level_tokenizer(words, folder, model_max_length=model_max_length)
 
 
+def build_tiny_clip(seed: int = 0):
+    """``(CLIPModel, tokenizer)``: a random-weight transformers CLIP on the tiny tokenizer (32 px images, width
+    32, one layer per tower), for CLIP-score tests without downloads."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    return CLIPModel(cfg).eval(), tok
+
+
 def build_tiny_pipeline(
     seed: int = 0,
     scheduler: str = "ddim",

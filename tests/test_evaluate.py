@@ -27,20 +27,9 @@ def factory():
 
 @pytest.fixture(scope="module")
 def clip_scorer():
-    from transformers import CLIPConfig, CLIPModel
+    from dgq_utils.tiny import build_tiny_clip
 
-    from dgq_utils.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    return M.ClipScorer.from_transformers(CLIPModel(cfg).eval(), tok)
+    return M.ClipScorer.from_transformers(*build_tiny_clip())
 
 
 def evaluator(images, prompts):

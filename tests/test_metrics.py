@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dgq_utils import metrics as M
+from dgq_utils.tiny import build_tiny_clip
 
 
 def _images(n, seed, size=32, shift=0):
@@ -148,25 +149,8 @@ def test_lpips_needs_local_backbone(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- CLIP score
-def _tiny_transformers_clip():
-    from transformers import CLIPConfig, CLIPModel
-
-    from dgq_utils.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    return CLIPModel(cfg).eval(), tok
-
-
 def test_clip_score_transformers_conventions():
-    model, tok = _tiny_transformers_clip()
+    model, tok = build_tiny_clip()
     scorer = M.ClipScorer.from_transformers(model, tok, batch_size=3)
     x = _images(5, 8, size=40)  # resized + centre-cropped to the vision tower's 32 px
     texts = ["a red car", "a dog", "a blue house", "a horse in the snow", "a cup"]
