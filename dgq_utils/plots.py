@@ -439,18 +439,27 @@ def _order(recipes: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(recipes))
 
 
+def _metric_panels(n_panels: int, n_rows_per_panel: int, ncols: int, *, width: float, row_height: float):
+    """``(fig, axes)``: a grid of at most ``ncols`` columns for ``n_panels`` panels of ``n_rows_per_panel`` bars
+    each; ``axes`` is the flat list of the panels used (the grid's spare cells are hidden)."""
+    n = max(n_panels, 1)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols, row_height * n_rows_per_panel * nrows + 2.2 * nrows),
+                             squeeze=False)
+    for ax in list(grid.flat)[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(grid.flat)[:n_panels]
+
+
 def metric_bars(table: pd.DataFrame, metrics: Sequence[str], *, recipes: Sequence[str] | None = None,
                 labels: Mapping[str, str] | None = None, path=None, title: str = "", ncols: int = 3):
     """One panel per metric: value per recipe (dot, coloured by family: FP / baseline / DGQ) with its 95% CI
     (segment); the dashed line marks FP."""
     metrics = [m for m in metrics if m in set(table["metric"])]
     recipes = _order(recipes or table["recipe"])
-    n = max(len(metrics), 1)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 0.28 * len(recipes) * nrows + 2.2 * nrows),
-                             squeeze=False)
-    for ax, m in zip(axes.flat, metrics):
+    fig, axes = _metric_panels(len(metrics), len(recipes), ncols, width=4.4, row_height=0.28)
+    for ax, m in zip(axes, metrics):
         d = table[(table["metric"] == m)].set_index("recipe").reindex(recipes).dropna(subset=["value"])
         y = np.arange(len(d))
         colors = [RECIPE_COLORS[recipe_family(r)] for r in d.index]
@@ -462,8 +471,6 @@ def metric_bars(table: pd.DataFrame, metrics: Sequence[str], *, recipes: Sequenc
         ax.set_title(m)
         if "fp" in d.index:
             ax.axvline(d.loc["fp", "value"], color=RECIPE_COLORS["fp"], lw=0.8, ls="--")
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.set_visible(False)
     fig.suptitle(title or "Results with 95% bootstrap CIs")
     return _finish(fig, path)
 
@@ -475,12 +482,8 @@ def paired_bars(paired: pd.DataFrame, metrics: Sequence[str], *, recipes: Sequen
     a CI that excludes 0 is a difference the evaluation resolves."""
     metrics = [m for m in metrics if m in set(paired["metric"])]
     recipes = _order(recipes or paired["recipe"])
-    n = max(len(metrics), 1)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 0.3 * len(recipes) * nrows + 2.2 * nrows),
-                             squeeze=False)
-    for ax, m in zip(axes.flat, metrics):
+    fig, axes = _metric_panels(len(metrics), len(recipes), ncols, width=4.6, row_height=0.3)
+    for ax, m in zip(axes, metrics):
         d = paired[paired["metric"] == m].set_index("recipe").reindex(recipes).dropna(subset=[value])
         y = np.arange(len(d))
         colors = [RECIPE_COLORS[recipe_family(r)] for r in d.index]
@@ -491,8 +494,6 @@ def paired_bars(paired: pd.DataFrame, metrics: Sequence[str], *, recipes: Sequen
         ax.set_yticklabels([(labels or {}).get(r, r) for r in d.index], fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{m}: recipe − {reference}")
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.set_visible(False)
     fig.suptitle(title or f"Paired differences vs {reference} (95% CI)")
     return _finish(fig, path)
 
