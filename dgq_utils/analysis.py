@@ -341,26 +341,34 @@ def outlier_table(stats, *, threshold: float = 4.0, quantized_only: bool = True)
     ``quantized_only`` drops the inputs every recipe keeps FP (``conv_in``, ``conv_out``).
     """
     rows = []
+    for st, row in _stats_rows(stats, quantized_only, with_timestep=True):
+        cr, pr = outlier_ratio(st.channel), outlier_ratio(st.pixel)
+        calls = max(st.calls, 1)
+        p999 = st.abs_percentiles.get(99.9, math.nan) / calls if st.abs_percentiles else math.nan
+        absmax = max(abs(st.min), abs(st.max))
+        rows.append({**row, "channel_ratio": cr, "pixel_ratio": pr, "absmax": absmax, "p99.9": p999,
+                     "tail_ratio": absmax / p999 if p999 and p999 > 0 else math.nan,
+                     "outliers": _kind(cr, pr, threshold)})
+    return pd.DataFrame(rows)
+
+
+def _stats_rows(stats, quantized_only: bool, *, with_timestep: bool = False):
+    """``(TensorStats, identity columns)`` per (layer, timestep index) of collected statistics, layers in UNet
+    forward order: ``layer``, ``short``, ``block``, ``layer_type``, ``timestep_index`` (, ``timestep``),
+    ``n_channels``, ``n_pixels``."""
     names = sorted(stats.layers, key=unet_rank)
     if quantized_only:
         names = quantized_inputs(names)
     for name in names:
         lt, per_t = stats.layers[name]
         for ti, st in sorted(per_t.items()):
-            cr, pr = outlier_ratio(st.channel), outlier_ratio(st.pixel)
-            calls = max(st.calls, 1)
-            p999 = st.abs_percentiles.get(99.9, math.nan) / calls if st.abs_percentiles else math.nan
-            absmax = max(abs(st.min), abs(st.max))
-            rows.append({
-                "layer": name, "short": short_name(name), "block": block_of(name), "layer_type": lt,
-                "timestep_index": ti, "timestep": stats.timesteps[ti] if ti < len(stats.timesteps) else math.nan,
-                "n_channels": st.channel.n if st.channel is not None else 0,
-                "n_pixels": st.pixel.n if st.pixel is not None else 0,
-                "channel_ratio": cr, "pixel_ratio": pr, "absmax": absmax, "p99.9": p999,
-                "tail_ratio": absmax / p999 if p999 and p999 > 0 else math.nan,
-                "outliers": _kind(cr, pr, threshold),
-            })
-    return pd.DataFrame(rows)
+            row = {"layer": name, "short": short_name(name), "block": block_of(name), "layer_type": lt,
+                   "timestep_index": ti}
+            if with_timestep:
+                row["timestep"] = stats.timesteps[ti] if ti < len(stats.timesteps) else math.nan
+            row["n_channels"] = st.channel.n if st.channel is not None else 0
+            row["n_pixels"] = st.pixel.n if st.pixel is not None else 0
+            yield st, row
 
 
 def outlier_summary(table: pd.DataFrame, *, threshold: float = 4.0) -> pd.DataFrame:
@@ -424,24 +432,16 @@ def axis_decision_table(stats, rules: Sequence[str] = RULES, *, quantized_only: 
     from .grouping import axis_scores, decide_axis
 
     rows = []
-    names = sorted(stats.layers, key=unet_rank)
-    if quantized_only:
-        names = quantized_inputs(names)
-    for name in names:
-        lt, per_t = stats.layers[name]
-        for ti, st in sorted(per_t.items()):
-            row = {"layer": name, "short": short_name(name), "block": block_of(name), "layer_type": lt,
-                   "timestep_index": ti, "n_channels": st.channel.n if st.channel is not None else 0,
-                   "n_pixels": st.pixel.n if st.pixel is not None else 0}
-            for rule in rules:
-                if st.channel is not None and st.pixel is not None:
-                    c, p = axis_scores(st.channel, st.pixel, rule)
-                    row[f"{rule}_channel"], row[f"{rule}_pixel"] = c, p
-                    row[rule] = decide_axis(st.channel, st.pixel, rule)
-                else:
-                    row[f"{rule}_channel"] = row[f"{rule}_pixel"] = math.nan
-                    row[rule] = "channel (only axis)"
-            rows.append(row)
+    for st, row in _stats_rows(stats, quantized_only):
+        for rule in rules:
+            if st.channel is not None and st.pixel is not None:
+                c, p = axis_scores(st.channel, st.pixel, rule)
+                row[f"{rule}_channel"], row[f"{rule}_pixel"] = c, p
+                row[rule] = decide_axis(st.channel, st.pixel, rule)
+            else:
+                row[f"{rule}_channel"] = row[f"{rule}_pixel"] = math.nan
+                row[rule] = "channel (only axis)"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
