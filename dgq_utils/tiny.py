@@ -98,6 +98,28 @@ def build_tiny_clip(seed: int = 0):
     return CLIPModel(cfg).eval(), tok
 
 
+def build_tiny_open_clip(folder, name: str = "dgq-tiny-clip", seed: int = 0):
+    """Register a random-weight open_clip model config ``name`` (32 px, width 32, one layer per tower) from a JSON
+    file in ``folder`` and save its weights there; returns ``(model, weights_path)`` for tests of the local-file
+    open_clip path (nothing downloaded)."""
+    import json
+    from pathlib import Path
+
+    import open_clip
+
+    folder = Path(folder)
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    weights = folder / f"{name}.pt"
+    torch.save(model.state_dict(), weights)
+    return model, weights
+
+
 def build_tiny_pipeline(
     seed: int = 0,
     scheduler: str = "ddim",

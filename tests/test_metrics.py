@@ -1,6 +1,5 @@
 """Metrics on small data: FID/KID/IS through torch-fidelity, CLIP score (transformers and open_clip stand-ins),
 PSNR/SSIM/LPIPS vs FP, alignment tables; and the bad-input errors."""
-import json
 
 import numpy as np
 import pandas as pd
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from dgq_utils import metrics as M
-from dgq_utils.tiny import build_tiny_clip
+from dgq_utils.tiny import build_tiny_clip, build_tiny_open_clip
 
 
 def _images(n, seed, size=32, shift=0):
@@ -171,15 +170,8 @@ def test_clip_score_transformers_conventions():
 def test_clip_score_open_clip_from_local_weights(tmp_path):
     import open_clip
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "dgq-test-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "dgq-test-tiny-clip.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("dgq-test-tiny-clip")
-    torch.save(model.state_dict(), tmp_path / "tiny.pt")
-    scorer = M.ClipScorer.from_open_clip("dgq-test-tiny-clip", tmp_path / "tiny.pt")
+    model, weights = build_tiny_open_clip(tmp_path, "dgq-test-tiny-clip")
+    scorer = M.ClipScorer.from_open_clip("dgq-test-tiny-clip", weights)
     x = _images(3, 9)
     s = scorer.scores(x, ["a red car", "a dog", "a house"])
     with torch.no_grad():  # same as encoding by hand with the loaded weights
@@ -191,7 +183,7 @@ def test_clip_score_open_clip_from_local_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="ViT-g-14.*laion2b_s34b_b88k"):
         M.ClipScorer.from_open_clip("ViT-g-14", tmp_path / "missing.bin")
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        M.ClipScorer.from_open_clip("ViT-z-99", tmp_path / "tiny.pt")
+        M.ClipScorer.from_open_clip("ViT-z-99", weights)
 
 
 # ---------------------------------------------------------------------------------------------- alignment

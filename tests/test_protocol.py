@@ -9,6 +9,7 @@ import torch
 
 from dgq_utils import metrics as M
 from dgq_utils.protocol import QUIRKS, calibration_captions, read_captions, run_paper_protocol
+from dgq_utils.tiny import build_tiny_open_clip
 
 CAPTIONS = ["a picture of a dog", "a red car parked in the city", "a blue house near a river", "a horse in the snow",
             "a painting of a forest and a river", "a small bird flying over the beach",
@@ -24,20 +25,12 @@ def factory():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    import open_clip
-
     d = tmp_path_factory.mktemp("protocol_inputs")
     pd.DataFrame({"file_name": [f"COCO_val2014_{i:012d}.jpg" for i in range(10)], "caption": CAPTIONS}).to_csv(
         d / "metadata.csv", index=False)
     real = (torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
     M.save_reference_statistics(d / "real_im256.npz", M.fid_statistics(M.extract_features(real, M.PIXELS_DEBUG)["pixels"]))
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (d / "dgq-protocol-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d / "dgq-protocol-tiny-clip.json")
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model("dgq-protocol-tiny-clip").state_dict(), d / "clip.pt")
+    build_tiny_open_clip(d, "dgq-protocol-tiny-clip")  # weights: d / "dgq-protocol-tiny-clip.pt"
     return d
 
 
@@ -47,7 +40,7 @@ def _run(files, out, **kw):
                 n_boot=100, n_boot_set=10, progress=False)
     args.update(kw)
     return run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip",
-                              files / "clip.pt", out, **args)
+                              files / "dgq-protocol-tiny-clip.pt", out, **args)
 
 
 def test_protocol_end_to_end(files, tmp_path):
@@ -98,11 +91,12 @@ def test_captions_readers_and_calibration(tmp_path):
 def test_missing_inputs_are_named(files, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="metadata.csv"):
         run_paper_protocol(
-            None, tmp_path / "none.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip", files / "clip.pt",
-            tmp_path, pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG, device="cpu")
+            None, tmp_path / "none.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip",
+            files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG, device="cpu")
     with pytest.raises(FileNotFoundError, match="real_im256.npz"):
         run_paper_protocol(None, files / "metadata.csv", tmp_path / "missing.npz", None, "dgq-protocol-tiny-clip",
-                           files / "clip.pt", tmp_path, pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG)
+                           files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory,
+                           feature_extractor=M.PIXELS_DEBUG)
     with pytest.raises(FileNotFoundError, match="ViT-g-14"):
         run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "ViT-g-14",
                            tmp_path / "open_clip_pytorch_model.bin", tmp_path, pipe_factory=factory,
@@ -110,6 +104,6 @@ def test_missing_inputs_are_named(files, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
         run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip",
-                           files / "clip.pt", tmp_path, pipe_factory=factory)
+                           files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory)
     with pytest.raises(ValueError, match="fewer than n_images"):
         _run(files, tmp_path / "o", n_images=11)
