@@ -31,7 +31,6 @@ print('python', __import__('sys').version.split()[0], 'torch', torch.__version__
 timeout "${REPORT_TIMEOUT:-560}" python3 -m dgq_utils.report --out outputs/report "$@" 2>&1 | tee "$OUTDIR/report.log"
 rc=$?
 echo "report rc=$rc, wall $(( $(date +%s) - start )) s (wheel install included)" | tee -a "$OUTDIR/env.txt"
-nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader >> "$OUTDIR/env.txt" 2>&1
 # the device tool brings back files of at most 16 MiB: split the archive
 tar czf - figures results outputs/report outputs/quick 2>/dev/null | split -b 15m - "$OUTDIR/report.tgz."
 ls -la "$OUTDIR"
