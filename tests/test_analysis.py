@@ -235,16 +235,20 @@ def test_prob_error_and_scale_tables(capture):
 def test_cached_quantizer_reuses_state(tiny, tmp_path):
     from dgq_utils.quantize.pipeline import dequantize_pipeline
 
-    q = A.CachedQuantizer(tmp_path, "tiny-test")
+    from dgq_utils.config import SamplerSettings
+    from dgq_utils.quantize.cache import StateCache
+
+    q = StateCache(tmp_path)
     prompts = A.tiny_prompts(2, seed=5)
-    kw = dict(num_inference_steps=STEPS, progress=False)
+    kw = dict(model_id="tiny-test", progress=False)
+    sampler = SamplerSettings(num_inference_steps=STEPS, batch_size=8)
     gen = lambda: tiny(["a red dog near the river"], num_inference_steps=STEPS, output_type="latent",  # noqa: E731
                        generator=torch.Generator().manual_seed(0)).images
     try:
-        q.quantize(tiny, "dgq-w8a6", prompts, **kw)
+        q.quantize(tiny, "dgq-w8a6", prompts, sampler, **kw)
         first = gen()
         dequantize_pipeline(tiny)
-        q.quantize(tiny, "dgq-w8a6", prompts, **kw)
+        q.quantize(tiny, "dgq-w8a6", prompts, sampler, **kw)
         second = gen()
     finally:
         dequantize_pipeline(tiny)

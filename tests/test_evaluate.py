@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dgq_utils.evaluate import metrics as M
-from dgq_utils.evaluate.compare import Reference, run_comparison
+from dgq_utils.evaluate.compare import run_comparison
+from dgq_utils.evaluate.config import BootstrapConfig, EvaluationSet, MetricsConfig, Reference, Workspace
 from dgq_utils.config import SamplerSettings
 from dgq_utils.generate.images import load_manifest
 
@@ -42,15 +43,17 @@ def evaluator(images, prompts):
                          "held_out": np.array(["dog" in p for p in prompts])})
 
 
-def _run(out, clip_scorer, model=factory, **kw):
+def _run(out, clip_scorer, model=factory, *, recipes=RECIPES, prompts=PROMPTS, calibration_prompts=CALIB,
+         on_image=None, **metric_kw):
     real = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
-    args = dict(recipes=RECIPES, prompts=PROMPTS, seeds=[0], calibration_prompts=CALIB, metrics=METRICS,
-                settings=SETTINGS, reference=Reference(images=real), extractor=M.PIXELS_DEBUG,
-                clip_scorer=clip_scorer, alignment_evaluator=evaluator, n_boot=200, n_boot_set=20, progress=False)
-    args.update(kw)
+    mkw = dict(metrics=METRICS, reference=Reference(images=real), extractor=M.PIXELS_DEBUG, clip_scorer=clip_scorer,
+               alignment_evaluator=evaluator)
+    mkw.update(metric_kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return run_comparison(model, out_dir=out, **args)
+        return run_comparison(model, recipes, EvaluationSet(prompts, calibration_prompts, [0]), out, sampler=SETTINGS,
+                              metrics=MetricsConfig(**mkw), bootstrap=BootstrapConfig(n_boot=200, n_set=20),
+                              progress=False, on_image=on_image)
 
 
 def _files(out):
@@ -138,8 +141,9 @@ def test_corrupt_calibrated_state_is_recalibrated(tmp_path, clip_scorer):
             p.write_bytes(b"corrupt")
     (out / "results.csv").unlink()
     with pytest.warns(UserWarning, match="recalibrating"):
-        second = run_comparison(factory, out_dir=out, seeds=[0], calibration_prompts=CALIB, settings=SETTINGS,
-                                progress=False, n_boot=200, **kw)
+        second = run_comparison(factory, kw["recipes"], EvaluationSet(kw["prompts"], CALIB, [0]), out,
+                                sampler=SETTINGS, metrics=MetricsConfig(kw["metrics"]),
+                                bootstrap=BootstrapConfig(n_boot=200), progress=False)
     assert second.generations["dgq-w8a8"].generated == 3
     pd.testing.assert_frame_equal(first.table, second.table)
 
@@ -204,15 +208,16 @@ def _build_random_embedded(root):
 
 def test_embedded_comparison_wiring(tmp_path):
     """run_embedded_comparison through the world's real interfaces (random weights stand in for data/embedded)."""
-    from dgq_utils.evaluate.compare import embedded_prompts, run_embedded_comparison
+    from dgq_utils.world.comparison import embedded_prompts, run_embedded_comparison
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = _build_random_embedded(tmp_path / "embedded")
         res = run_embedded_comparison(
             tmp_path / "out", recipes=["baseline-w8a6"], n_prompts=4, n_calibration=2, n_reference=16,
-            embedded_dir=root, settings=SamplerSettings(num_inference_steps=2, batch_size=4), n_boot=100,
-            n_boot_set=10, progress=False, cache_root=tmp_path / "cache", feature_dir=tmp_path / "feats")
+            embedded_dir=root, sampler=SamplerSettings(num_inference_steps=2, batch_size=4),
+            bootstrap=BootstrapConfig(n_boot=100, n_set=10), progress=False,
+            work=Workspace(tmp_path / "out", image_cache=tmp_path / "cache", feature_cache=tmp_path / "feats"))
     prompts, held = embedded_prompts(4)
     assert held == [False, False, False, True] and list(res.generations["fp"].manifest["prompt"]) == prompts
     t = res.table.set_index(["recipe", "metric"])
@@ -229,12 +234,15 @@ def test_embedded_comparison_wiring(tmp_path):
 def test_default_embedded_comparison_on_the_real_model(tmp_path):
     """The report's call on the shipped embedded model, at a small N (skipped until data/embedded exists)."""
     from dgq_utils.model.loading import EMBEDDED_PIPELINE_DIR
-    from dgq_utils.evaluate.compare import DEFAULT_RECIPES, run_embedded_comparison
+    from dgq_utils.evaluate.compare import DEFAULT_RECIPES
+    from dgq_utils.world.comparison import run_embedded_comparison
 
     if not (EMBEDDED_PIPELINE_DIR / "model_index.json").exists():
         pytest.skip("data/embedded is not there yet")
-    res = run_embedded_comparison(tmp_path, n_prompts=8, n_calibration=8, n_reference=64, n_boot=200, n_boot_set=20,
-                                  progress=False, cache_root=tmp_path / "cache", feature_dir=tmp_path / "feats")
+    res = run_embedded_comparison(tmp_path, n_prompts=8, n_calibration=8, n_reference=64,
+                                  bootstrap=BootstrapConfig(n_boot=200, n_set=20), progress=False,
+                                  work=Workspace(tmp_path, image_cache=tmp_path / "cache",
+                                                 feature_cache=tmp_path / "feats"))
     assert list(dict.fromkeys(res.table["recipe"])) == ["fp", *DEFAULT_RECIPES]
     fp = res.table[res.table.recipe == "fp"].set_index("metric")
     assert fp.loc["alignment_caption", "value"] > 0.2  # the trained model follows its captions

@@ -176,7 +176,7 @@ def test_clip_score_open_clip_from_local_weights(tmp_path):
     s = scorer.scores(x, ["a red car", "a dog", "a house"])
     with torch.no_grad():  # same as encoding by hand with the loaded weights
         _, _, pre = open_clip.create_model_and_transforms("dgq-test-tiny-clip")
-        im = model.encode_image(torch.stack([pre(M._to_pil(i)) for i in x]))
+        im = model.encode_image(torch.stack([pre(M.to_pil(i)) for i in x]))
         tx = model.encode_text(open_clip.get_tokenizer("dgq-test-tiny-clip")(["a red car", "a dog", "a house"]))
         manual = torch.nn.functional.cosine_similarity(im, tx).numpy()
     assert np.allclose(s, manual, atol=1e-5)

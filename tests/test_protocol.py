@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from dgq_utils.evaluate import metrics as M
-from dgq_utils.evaluate.protocol import QUIRKS, calibration_captions, read_captions, run_paper_protocol
+from dgq_utils.config import SamplerSettings
+from dgq_utils.evaluate.config import BootstrapConfig
+from dgq_utils.evaluate.protocol import (
+    QUIRKS,
+    ProtocolConfig,
+    ProtocolFiles,
+    calibration_captions,
+    read_captions,
+    run_paper_protocol,
+)
 from dgq_utils.testing.tiny import build_tiny_open_clip
 
 CAPTIONS = ["a picture of a dog", "a red car parked in the city", "a blue house near a river", "a horse in the snow",
@@ -34,13 +43,21 @@ def files(tmp_path_factory):
     return d
 
 
-def _run(files, out, **kw):
-    args = dict(recipes=["dgq-w8a8"], n_images=6, n_clip=4, resize=16, num_inference_steps=2, height=32, width=32,
-                batch_size=3, n_calibration=3, device="cpu", pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG,
-                n_boot=100, n_boot_set=10, progress=False)
+def _inputs(files, **kw):
+    args = dict(coco_captions=files / "metadata.csv", reference_stats=files / "real_im256.npz",
+                clip_model="dgq-protocol-tiny-clip", clip_weights=files / "dgq-protocol-tiny-clip.pt")
     args.update(kw)
-    return run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip",
-                              files / "dgq-protocol-tiny-clip.pt", out, **args)
+    return ProtocolFiles(**args)
+
+
+def _run(files, out, recipes=("dgq-w8a8",), image_format="png", **kw):
+    protocol = dict(n_images=6, n_clip=4, resize=16, n_calibration=3)
+    protocol.update(kw)
+    return run_paper_protocol(_inputs(files), out, recipes=recipes, protocol=ProtocolConfig(**protocol),
+                              sampler=SamplerSettings(num_inference_steps=2, height=32, width=32, batch_size=3,
+                                                      image_format=image_format),
+                              bootstrap=BootstrapConfig(n_boot=100, n_set=10), device="cpu", pipe_factory=factory,
+                              feature_extractor=M.PIXELS_DEBUG, progress=False)
 
 
 def test_protocol_end_to_end(files, tmp_path):
@@ -90,20 +107,16 @@ def test_captions_readers_and_calibration(tmp_path):
 
 def test_missing_inputs_are_named(files, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="metadata.csv"):
-        run_paper_protocol(
-            None, tmp_path / "none.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip",
-            files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG, device="cpu")
+        run_paper_protocol(_inputs(files, coco_captions=tmp_path / "none.csv"), tmp_path, pipe_factory=factory,
+                           feature_extractor=M.PIXELS_DEBUG, device="cpu")
     with pytest.raises(FileNotFoundError, match="real_im256.npz"):
-        run_paper_protocol(None, files / "metadata.csv", tmp_path / "missing.npz", None, "dgq-protocol-tiny-clip",
-                           files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory,
+        run_paper_protocol(_inputs(files, reference_stats=tmp_path / "missing.npz"), tmp_path, pipe_factory=factory,
                            feature_extractor=M.PIXELS_DEBUG)
     with pytest.raises(FileNotFoundError, match="ViT-g-14"):
-        run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "ViT-g-14",
-                           tmp_path / "open_clip_pytorch_model.bin", tmp_path, pipe_factory=factory,
-                           feature_extractor=M.PIXELS_DEBUG)
+        run_paper_protocol(_inputs(files, clip_model="ViT-g-14", clip_weights=tmp_path / "open_clip_pytorch_model.bin"),
+                           tmp_path, pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
-        run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip",
-                           files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory)
+        run_paper_protocol(_inputs(files), tmp_path, pipe_factory=factory)
     with pytest.raises(ValueError, match="fewer than n_images"):
         _run(files, tmp_path / "o", n_images=11)

@@ -80,13 +80,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import numbers
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping
 
 from dgq_utils.core.quantizers import check_bits
+from dgq_utils.keys import stable_hash
 
 __all__ = [
     "WeightQuantConfig",
@@ -478,5 +478,4 @@ def recipe_hash(recipe: QuantRecipe, *, length: int = 12, include_name: bool = T
     d = recipe.to_dict()
     if not include_name:
         d.pop("name", None)
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+    return stable_hash(d, length)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,7 +43,9 @@ import pandas as pd
 from dgq_utils.atomic import atomic_write_json
 from dgq_utils.config import SamplerSettings
 from dgq_utils.evaluate import metrics as M
-from dgq_utils.evaluate.compare import ComparisonResult, Reference, run_comparison
+from dgq_utils.evaluate.compare import ComparisonResult, run_comparison
+from dgq_utils.evaluate.config import BootstrapConfig, EvaluationSet, MetricsConfig, Reference, Workspace
+from dgq_utils.quantize.cache import StateCache
 
 PAPER_N_IMAGES = 30_000
 PAPER_N_CLIP = 3_000
@@ -50,6 +53,54 @@ PAPER_RESIZE = 256
 PAPER_SEED = 42
 PAPER_N_CALIBRATION = 64
 PAPER_CLIP_MODEL = "ViT-g-14"
+#: SD's default sampler as the paper ran it: PNDM/PLMS, 25 steps, guidance 7.5, 512x512 (batch size: ours)
+PAPER_SAMPLER = SamplerSettings(num_inference_steps=25, guidance_scale=7.5, height=512, width=512, batch_size=8)
+#: the paper's bootstrap here: 1000 replicates for per-image means, 50 for FID / IS (30k images each)
+PAPER_BOOTSTRAP = BootstrapConfig(n_boot=1000, n_set=50)
+
+
+@dataclass(frozen=True)
+class ProtocolFiles:
+    """The protocol's local inputs (nothing is downloaded; a missing file raises, naming it).
+
+    Args:
+        coco_captions: BK-SDM ``metadata.csv`` (or a COCO captions json); the first ``n_images`` rows are used.
+        reference_stats: BK-SDM ``real_im256.npz`` (``mu``/``sigma`` of Inception pool features).
+        inception_weights: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (or ``None`` to use the
+            copy in torch-fidelity's cache folder; it is never downloaded).
+        clip_model, clip_weights: open_clip model (paper: ``"ViT-g-14"``) and its local weights file
+            (``laion2b_s34b_b88k``).
+        model_path: local diffusers folder of SD v1.4 (``CompVis/stable-diffusion-v1-4`` downloaded beforehand);
+            may be ``None`` when :func:`run_paper_protocol` gets a ``pipe_factory``.
+        calibration_captions: COCO ``captions_train2017.json`` for calibration (paper); default: captions of
+            ``coco_captions`` after the first ``n_images`` rows.
+    """
+
+    coco_captions: str | os.PathLike
+    reference_stats: str | os.PathLike
+    inception_weights: str | os.PathLike | None = None
+    clip_model: str = PAPER_CLIP_MODEL
+    clip_weights: str | os.PathLike | None = None
+    model_path: str | os.PathLike | None = None
+    calibration_captions: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """How much of the protocol to run: ``n_images`` captions (one image each) / ``n_clip`` of them CLIP-scored /
+    ``resize`` before every metric / caption ``seed`` / ``n_calibration`` captions -- 30,000 / 3,000 / 256 / 42 / 64
+    as in the paper -- and ``fidelity_to_fp``: also PSNR/SSIM of each recipe vs FP (same captions and seeds)."""
+
+    n_images: int = PAPER_N_IMAGES
+    n_clip: int = PAPER_N_CLIP
+    resize: int = PAPER_RESIZE
+    seed: int = PAPER_SEED
+    n_calibration: int = PAPER_N_CALIBRATION
+    fidelity_to_fp: bool = True
+
+    def __post_init__(self):
+        if int(self.n_images) < 1:
+            raise ValueError(f"n_images must be >= 1, got {self.n_images}")
 
 QUIRKS = {
     "seeding": "official: every shard seeds the global RNG with 42 and draws latents in order; here: one generator "
@@ -115,105 +166,84 @@ def calibration_captions(eval_captions: Sequence[str], *, source: str | os.PathL
 
 
 def run_paper_protocol(
-    model_path: str | os.PathLike | None,
-    coco_captions: str | os.PathLike,
-    reference_stats_npz: str | os.PathLike,
-    inception_weights: str | os.PathLike | None,
-    clip_model_name: str,
-    clip_weights: str | os.PathLike | None,
+    files: ProtocolFiles,
     out_dir: str | os.PathLike,
     *,
     recipes: Sequence[Any] = (),
-    n_images: int = PAPER_N_IMAGES,
-    n_clip: int = PAPER_N_CLIP,
-    resize: int = PAPER_RESIZE,
-    seed: int = PAPER_SEED,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    height: int = 512,
-    width: int = 512,
-    batch_size: int = 8,
-    image_format: str = "png",
-    calibration_captions_file: str | os.PathLike | None = None,
-    n_calibration: int = PAPER_N_CALIBRATION,
-    fidelity_to_fp: bool = True,
+    protocol: ProtocolConfig | None = None,
+    sampler: SamplerSettings | None = None,
+    bootstrap: BootstrapConfig | None = None,
     device: str = "cuda",
     pipe_factory: Callable[[], Any] | None = None,
     feature_extractor: str = M.INCEPTION,
     clip_scorer: M.ClipScorer | None = None,
-    n_boot: int = 1000,
-    n_boot_set: int = 50,
+    states: StateCache | None = None,
     progress: bool = True,
-    **kwargs,
 ) -> ComparisonResult:
     """Run the paper's SD v1.4 MS-COCO protocol for FP and ``recipes``; returns the results tables.
 
     Args:
-        model_path: local diffusers folder of SD v1.4 (``CompVis/stable-diffusion-v1-4`` downloaded beforehand).
-        coco_captions: BK-SDM ``metadata.csv`` (or a COCO captions json); the first ``n_images`` rows are used.
-        reference_stats_npz: BK-SDM ``real_im256.npz`` (``mu``/``sigma`` of Inception pool features).
-        inception_weights: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (or ``None`` to use the
-            copy in torch-fidelity's cache folder; it is never downloaded).
-        clip_model_name, clip_weights: open_clip model (paper: ``"ViT-g-14"``) and its local weights file
-            (``laion2b_s34b_b88k``).
+        files: :class:`ProtocolFiles` (captions, reference statistics, Inception and CLIP weights, SD folder).
         out_dir: results, images (``out_dir/images``, shared by FP and every recipe), features, quant states,
             ``protocol.json`` (every parameter and the quirks above).
         recipes: quantized recipes to compare with FP (preset names or ``QuantRecipe``; empty = FP only).
-        n_images, n_clip, resize: 30,000 / 3,000 / 256 as in the paper.
-        seed: 42 as in the paper (per-image generators, see the module docstring).
-        image_format: ``"png"`` (default) or ``"jpg"`` (the official JPEG intermediates).
-        calibration_captions_file: COCO ``captions_train2017.json`` for calibration (paper); default: captions of
-            ``coco_captions`` after the first ``n_images`` rows.
-        fidelity_to_fp: also PSNR/SSIM of each recipe vs FP (same captions and seeds).
+        protocol: :class:`ProtocolConfig` (default: the paper's sizes; per-image generators, see the module
+            docstring).
+        sampler: default :data:`PAPER_SAMPLER`; ``image_format="jpg"`` reproduces the official JPEG intermediates.
+        bootstrap: default :data:`PAPER_BOOTSTRAP`.
         device: ``"cuda"`` for the real protocol; ``"cpu"`` works (slowly).
         pipe_factory: zero-argument callable returning the FP pipeline (tests use a tiny one); default loads
-            ``model_path`` with :func:`dgq_utils.model.loading.load_pipeline`.
+            ``files.model_path`` with :func:`dgq_utils.model.loading.load_pipeline`.
         feature_extractor, clip_scorer: override the Inception extractor / open_clip scorer (tests use stand-ins).
-        n_boot, n_boot_set: bootstrap replicates for per-image means / for FID and IS.
-        kwargs: passed on to :func:`run_comparison`.
+        states: the calibrated-state cache (default: on ``out_dir/quant_states``); pass the notebooks' shared one
+            to calibrate each recipe once.
     """
-    stats_path = Path(reference_stats_npz)
+    protocol = protocol or ProtocolConfig()
+    sampler = sampler or PAPER_SAMPLER
+    bootstrap = bootstrap or PAPER_BOOTSTRAP
+    n_images, n_clip, seed = int(protocol.n_images), int(protocol.n_clip), int(protocol.seed)
+    stats_path = Path(files.reference_stats)
     ref_stats = M.load_reference_statistics(stats_path)  # fails early, naming the file
-    M.resolve_weights(feature_extractor, inception_weights)  # idem
+    M.resolve_weights(feature_extractor, files.inception_weights)  # idem
     if clip_scorer is None:
-        clip_scorer = M.ClipScorer.from_open_clip(clip_model_name, clip_weights, device=device)
-    caps = read_captions(coco_captions)
-    if n_images < 1:
-        raise ValueError(f"n_images must be >= 1, got {n_images}")
+        clip_scorer = M.ClipScorer.from_open_clip(files.clip_model, files.clip_weights, device=device)
+    caps = read_captions(files.coco_captions)
     if len(caps) < n_images:
-        raise ValueError(f"{coco_captions} has {len(caps)} captions, fewer than n_images={n_images}")
+        raise ValueError(f"{files.coco_captions} has {len(caps)} captions, fewer than n_images={n_images}")
     prompts = list(caps["caption"].iloc[:n_images])
     recipes = list(recipes)
     calib: list[str] = []
     if recipes:
-        calib = calibration_captions(prompts, source=calibration_captions_file,
-                                     pool=list(caps["caption"].iloc[n_images:]), n=n_calibration, seed=seed)
+        calib = calibration_captions(prompts, source=files.calibration_captions,
+                                     pool=list(caps["caption"].iloc[n_images:]), n=protocol.n_calibration, seed=seed)
     if pipe_factory is None:
         from dgq_utils.model.loading import load_pipeline
 
-        if model_path is None:
-            raise ValueError("model_path is required (a local SD v1.4 diffusers folder) unless pipe_factory is given")
+        if files.model_path is None:
+            raise ValueError("ProtocolFiles.model_path is required (a local SD v1.4 diffusers folder) unless "
+                             "pipe_factory is given")
 
         def pipe_factory():
-            return load_pipeline(model_path, device=device)
+            return load_pipeline(files.model_path, device=device)
 
-    metrics = ["fid", "isc", "clip_score"] + (["psnr", "ssim"] if fidelity_to_fp and recipes else [])
-    settings = SamplerSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                               width=width, batch_size=batch_size, image_format=image_format)
+    metrics = ["fid", "isc", "clip_score"] + (["psnr", "ssim"] if protocol.fidelity_to_fp and recipes else [])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "protocol.json", {
-        "model_path": str(model_path), "coco_captions": str(coco_captions), "reference_stats": str(stats_path),
-        "inception_weights": str(inception_weights), "clip_model": clip_model_name, "clip_weights": str(clip_weights),
+        "model_path": str(files.model_path), "coco_captions": str(files.coco_captions),
+        "reference_stats": str(stats_path), "inception_weights": str(files.inception_weights),
+        "clip_model": files.clip_model, "clip_weights": str(files.clip_weights),
         "recipes": [getattr(r, "name", r) for r in recipes], "n_images": n_images, "n_clip": min(n_clip, n_images),
-        "resize": resize, "seed": seed, "steps": num_inference_steps, "guidance": guidance_scale,
-        "height": height, "width": width, "batch_size": batch_size, "image_format": image_format,
+        "resize": protocol.resize, "seed": seed, "steps": sampler.num_inference_steps,
+        "guidance": sampler.guidance_scale, "height": sampler.height, "width": sampler.width,
+        "batch_size": sampler.batch_size, "image_format": sampler.image_format,
         "n_calibration": len(calib), "feature_extractor": feature_extractor, "clip_scorer": clip_scorer.name,
         "reference_dim": int(ref_stats["mu"].size), "quirks": QUIRKS,
     })
-    return run_comparison(
-        pipe_factory, recipes, prompts, [seed], out_dir, calibration_prompts=calib, metrics=metrics,
-        settings=settings, reference=Reference(stats=ref_stats, name=stats_path.name), extractor=feature_extractor,
-        extractor_weights=inception_weights, metric_size=resize, clip_scorer=clip_scorer, clip_first_n=n_clip,
-        n_boot=n_boot, n_boot_set=n_boot_set, device=device if device in ("cpu", "cuda") else "cpu",
-        progress=progress, title="Paper protocol (SD v1.4, MS-COCO)", **kwargs)
+    cfg = MetricsConfig(metrics, reference=Reference(stats=ref_stats, name=stats_path.name),
+                        extractor=feature_extractor, extractor_weights=files.inception_weights,
+                        resize=protocol.resize, clip_scorer=clip_scorer, clip_first_n=n_clip,
+                        device=device if device in ("cpu", "cuda") else "cpu")
+    return run_comparison(pipe_factory, recipes, EvaluationSet(prompts, calib, [seed]),
+                          Workspace(out_dir, states=states), sampler=sampler, metrics=cfg, bootstrap=bootstrap,
+                          progress=progress, title="Paper protocol (SD v1.4, MS-COCO)")

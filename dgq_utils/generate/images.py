@@ -52,6 +52,8 @@ from dgq_utils.atomic import (
     clean_stale_temp_files,
 )
 from dgq_utils.config import SamplerSettings
+from dgq_utils.keys import stable_hash
+from dgq_utils.model.identity import folder_fingerprint, model_fingerprint, model_identity  # noqa: F401
 
 VERIFY_MODES = ("sha", "size", "decode")
 MANIFEST_COLUMNS = [
@@ -107,51 +109,8 @@ def describe_recipe(recipe: Any) -> tuple[str, str, dict]:
     if isinstance(recipe, dict):
         d = dict(recipe)
         name = str(d.get("name", "custom"))
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
-        return name, hashlib.sha256(blob.encode()).hexdigest()[:12], d
+        return name, stable_hash(d, 12), d
     raise TypeError(f"recipe must be a QuantRecipe, a preset name, a dict or None; got {type(recipe).__name__}")
-
-
-def model_fingerprint(pipe) -> str:
-    """SHA-256 (16 hex digits) of every parameter and buffer of the pipeline's models, in name order.
-
-    Used as the model id when the pipeline has no ``name_or_path`` (e.g. a tiny random pipeline built in
-    memory). Call it on the *FP* pipeline: quantization may change weights in place.
-    """
-    h = hashlib.sha256()
-    for comp_name in sorted(pipe.components):
-        comp = pipe.components[comp_name]
-        if not isinstance(comp, torch.nn.Module):
-            continue
-        for name, t in sorted(comp.state_dict().items()):
-            h.update(f"{comp_name}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "fingerprint:" + h.hexdigest()[:16]
-
-
-def folder_fingerprint(folder: str | os.PathLike) -> str:
-    """16 hex digits over (relative path, size, mtime) of every file below ``folder`` — changes when a model
-    folder is retrained or replaced, without reading gigabytes of weights."""
-    root = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        st = p.stat()
-        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def model_identity(pipe, model_id: str | None = None) -> str:
-    """``model_id`` if given; else, for a pipeline loaded from a local folder, ``<absolute path>@<folder
-    fingerprint>`` (so a retrained model never reuses old cached images); else the pipeline's ``name_or_path``;
-    else :func:`model_fingerprint` of the weights in memory."""
-    if model_id:
-        return str(model_id)
-    nop = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", {}), "get", lambda k: None)(
-        "_name_or_path")
-    if nop:
-        p = Path(nop)
-        return f"{p.resolve()}@{folder_fingerprint(p)}" if p.is_dir() else str(nop)
-    return model_fingerprint(pipe)
 
 
 def _scheduler_identity(pipe) -> dict:
@@ -161,9 +120,8 @@ def _scheduler_identity(pipe) -> dict:
 
 def cache_key(model_id: str, settings: SamplerSettings, recipe_hash: str, scheduler: dict | None = None) -> str:
     """16 hex digits identifying (model, sampler settings, scheduler, recipe hash)."""
-    blob = json.dumps({"model": model_id, "settings": asdict(settings), "scheduler": scheduler or {},
-                       "recipe": recipe_hash}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return stable_hash({"model": model_id, "settings": asdict(settings), "scheduler": scheduler or {},
+                        "recipe": recipe_hash}, 16)
 
 
 def _safe(name: str) -> str:

@@ -15,8 +15,8 @@ The notebooks (``notebooks/01_...`` to ``06_...``) stay thin: a ``parameters`` c
 * **Attention** (03) -- :func:`capture_attention` (softmax probabilities and values of chosen layers and
   timesteps, and per-key mass of all of them), :func:`prob_error_table` (log2 vs uniform, per-prompt vs batch
   scale, ``<start>`` FP or not, measured on the attention *output*), :func:`scale_table`.
-* **Evaluation** (04-06) -- :class:`CachedQuantizer` (calibrated states shared by notebooks 04, 05 and 06),
-  :func:`comparison_setup` (metrics and references for the model at hand), :func:`ablation_recipes`,
+* **Evaluation** (04-06) -- :func:`comparison_setup` (metrics and references for the model at hand; the
+  calibrated states shared by notebooks 04, 05 and 06 are :meth:`ModelContext.state_cache`), :func:`ablation_recipes`,
   :func:`paired_vs`, the paper's Table 2 (:data:`PAPER_TABLE2`) and :func:`paper_comparison`.
 
 Everything is deterministic for fixed arguments (seeded generators, seeded K-means and bootstrap); CSVs are
@@ -25,18 +25,17 @@ written atomically (:func:`write_table`).
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from dgq_utils.evaluate import metrics as M
+from dgq_utils.evaluate.config import MetricsConfig
 from dgq_utils.report.context import ModelContext
-from dgq_utils.report.folders import short_hash
+from dgq_utils.world.comparison import embedded_metrics
 
 __all__ = [
-    "CachedQuantizer",
     "comparison_setup",
     "ablation_recipes",
     "ablation_label",
@@ -52,100 +51,28 @@ __all__ = [
 # ==============================================================================================================
 # 04-06: evaluation
 # ==============================================================================================================
-class CachedQuantizer:
-    """The ``quantizer=`` object for :func:`dgq_utils.evaluate.compare.run_comparison`, with a calibration cache.
-
-    A calibrated state is stored under ``state_dir`` keyed by the model, the recipe (its content hash), the
-    calibration prompts and every calibration setting, so notebooks 04, 05 and 06 calibrate each recipe once.
-    Calibration itself is :func:`dgq_utils.quantize.pipeline.quantize_pipeline`.
-    """
-
-    def __init__(self, state_dir: str | os.PathLike, model_key: str):
-        self.state_dir = Path(state_dir)
-        self.model_key = model_key
-        self.hits: list[str] = []
-        self.calibrated: list[str] = []
-
-    def _path(self, recipe, calibration_prompts, kw) -> Path:
-        from dgq_utils.config import get_preset, recipe_hash
-
-        r = get_preset(recipe) if isinstance(recipe, str) else recipe
-        key = short_hash({"model": self.model_key, "recipe": recipe_hash(r), "prompts": list(calibration_prompts),
-                     "kw": {k: v for k, v in kw.items() if k != "progress"}}, 16)
-        return self.state_dir / f"{r.name}-{key}.safetensors"
-
-    def quantize(self, pipe, recipe, calibration_prompts, **kw) -> None:
-        from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
-        from dgq_utils.quantize.state import load_quant_state, save_quant_state
-
-        path = self._path(recipe, calibration_prompts, kw)
-        if path.is_file():
-            try:
-                load_quant_state(pipe, path)
-                self.hits.append(path.name)
-                return
-            except Exception:  # noqa: BLE001 - a stale / corrupt cache entry is recalibrated
-                dequantize_pipeline(pipe)
-                path.unlink(missing_ok=True)
-        quantize_pipeline(pipe, recipe, list(calibration_prompts), **kw)
-        save_quant_state(pipe, path)  # atomic: an interrupted run leaves no half-written state
-        self.calibrated.append(path.name)
-
-    def save(self, pipe, path) -> None:
-        from dgq_utils.quantize.state import save_quant_state
-
-        save_quant_state(pipe, path)
-
-    def load(self, pipe, recipe, path) -> None:
-        from dgq_utils.quantize.state import load_quant_state
-
-        load_quant_state(pipe, path)
-
-    def dequantize(self, pipe) -> None:
-        from dgq_utils.quantize.pipeline import dequantize_pipeline
-
-        dequantize_pipeline(pipe)
-
-
 def comparison_setup(ctx: ModelContext, metrics: Sequence[str] | None = None, *, n_reference: int = 512,
-                     seed: int = 0) -> tuple[list[str], dict]:
-    """``(metrics, run_comparison keyword arguments)`` for the model at hand.
+                     seed: int = 0) -> tuple[list[str], MetricsConfig]:
+    """``(metric names, MetricsConfig)`` for :func:`dgq_utils.evaluate.compare.run_comparison` on the model at hand.
 
     * embedded: FID / KID on the world's attribute-evaluator features against rendered test scenes, the world's
       small CLIP score, attribute alignment accuracy, PSNR / SSIM vs FP (and LPIPS when its backbone weights are
-      on disk) -- exactly :func:`dgq_utils.evaluate.compare.run_embedded_comparison`'s set-up;
+      on disk) -- :func:`dgq_utils.world.comparison.embedded_metrics`, the set-up of ``run_embedded_comparison``;
     * tiny / external: fidelity to FP only (PSNR, SSIM, LPIPS if available): no offline reference or scorer
       exists for them (for SD v1.4 the paper protocol is :func:`dgq_utils.evaluate.protocol.run_paper_protocol`).
 
     ``metrics`` filters the set (names the model cannot support are dropped).
     """
-    from dgq_utils.evaluate import metrics as M
-
     lpips_ok = M.lpips_backbone_file("alex")[1].is_file()
     fidelity = ["psnr", "ssim"] + (["lpips"] if lpips_ok else [])
+    device = "cuda" if str(ctx.device).startswith("cuda") else "cpu"
     if ctx.kind == "embedded":
-        from dgq_utils.evaluate.compare import (
-            Reference,
-            embedded_alignment_evaluator,
-            embedded_reference_images,
-        )
-
-        d = Path(ctx.embedded_dir)
         available = ["fid", "kid", "clip_score", "alignment"] + fidelity
         chosen = [m for m in (metrics or available) if m in available]
-        kw: dict = {}
-        if "clip_score" in chosen:
-            kw["clip_scorer"] = M.ClipScorer.from_embedded(d / "clip", device=ctx.device)
-        if "alignment" in chosen:
-            kw["alignment_evaluator"] = embedded_alignment_evaluator(d / "evaluator", device=ctx.device)
-        if any(m in chosen for m in M.SET_METRICS):
-            kw["extractor"] = M.EMBEDDED_EXTRACTOR
-            kw["extractor_weights"] = str(d / "evaluator")
-            kw["reference"] = Reference(images=embedded_reference_images(n_reference, seed=seed),
-                                        name="rendered test scenes")
-        return chosen, kw
+        return chosen, embedded_metrics(chosen, embedded_dir=ctx.embedded_dir, n_reference=n_reference, seed=seed,
+                                        device=ctx.device).replace(device=device)
     chosen = [m for m in (metrics or fidelity) if m in fidelity]
-    return chosen, {}
+    return chosen, MetricsConfig(chosen, device=device)
 
 
 def ablation_recipes(base: str = "dgq-w8a6") -> list:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dgq_utils.quantize.cache import StateCache
 from dgq_utils.report.folders import ROOT, WORK_ROOT, short_hash
 
 __all__ = [
@@ -100,13 +101,13 @@ class ModelContext:
 
     def prompts(self, n: int, *, seed: int = 0) -> list[str]:
         """``n`` evaluation prompts. Embedded / external: the world's test captions (one-object, two-object and a
-        quarter held-out colour-shape pairs, :func:`dgq_utils.evaluate.compare.embedded_prompts`), interleaved so every
+        quarter held-out colour-shape pairs, :func:`dgq_utils.world.comparison.embedded_prompts`), interleaved so every
         prefix is balanced. Tiny: :func:`tiny_prompts`."""
         if n < 1:
             raise ValueError(f"n must be >= 1; got {n}")
         if self.kind == "tiny":
             return tiny_prompts(n, seed=seed)
-        from dgq_utils.evaluate.compare import embedded_prompts
+        from dgq_utils.world.comparison import embedded_prompts
 
         prompts, _ = embedded_prompts(n, seed=seed)
         n_held = int(round(n * 0.25))
@@ -123,7 +124,7 @@ class ModelContext:
             if len(out) < n:
                 raise ValueError(f"not enough tiny calibration prompts disjoint from the evaluation prompts ({n})")
             return out
-        from dgq_utils.evaluate.compare import embedded_calibration_prompts
+        from dgq_utils.world.comparison import embedded_calibration_prompts
 
         return embedded_calibration_prompts(n, exclude=exclude, seed=seed)
 
@@ -134,6 +135,11 @@ class ModelContext:
             p = p / part
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def state_cache(self) -> StateCache:
+        """The calibrated-state cache shared by notebooks 04-06 of this model (``work_dir("quant_states")``):
+        pass it as ``Workspace(..., states=ctx.state_cache())`` and each recipe is calibrated once."""
+        return StateCache(self.work_dir("quant_states"))
 
     def run_dir(self, tag: str, **params) -> Path:
         """A folder for one notebook's comparison run, keyed by everything that changes its results."""

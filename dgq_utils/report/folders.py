@@ -2,8 +2,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ import pandas as pd
 
 from dgq_utils import paths
 from dgq_utils.atomic import atomic_write_text
+from dgq_utils.keys import stable_hash
 
 __all__ = [
     "ROOT",
@@ -55,5 +54,5 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, *, float_format: str 
 
 
 def short_hash(obj: Any, n: int = 10) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+    """``n`` hex digits of :func:`dgq_utils.keys.stable_hash` (the one key function), for run-folder names."""
+    return stable_hash(obj, n)

@@ -1,6 +1,7 @@
 """The synthetic captioned world of the embedded model: scenes, tokenizer, evaluator, small CLIP, metrics.
 
-Submodules (imported lazily, so ``import dgq_utils.world`` stays cheap):
+Submodules (imported lazily, so ``import dgq_utils.world`` stays cheap; :mod:`.fidelity` is imported here, which
+registers the world's feature extractor with the engine's metrics):
 
 * :mod:`~dgq_utils.world.scenes`     attributes, seeded sampling, vectorised rendering, captions, splits
 * :mod:`~dgq_utils.world.text`       the word-level CLIP tokenizer of the world, caption -> ids on the GPU
@@ -9,6 +10,7 @@ Submodules (imported lazily, so ``import dgq_utils.world`` stays cheap):
 * :mod:`~dgq_utils.world.clip`       the small CLIP behind an open_clip-like interface, CLIP score
 * :mod:`~dgq_utils.world.fidelity`   torch-fidelity feature extractor (FID/KID/IS-style on this world)
 * :mod:`~dgq_utils.world.quality`    evaluate_pipeline: alignment + FID + CLIP score of any pipeline
+* :mod:`~dgq_utils.world.comparison` the world as an evaluation: prompts, references, metrics, run_embedded_comparison
 * :mod:`~dgq_utils.world.phenomena`  activation channel ranges and cross-attention <start> mass
 * :mod:`~dgq_utils.world.train`      training loops used by scripts/train_embedded.py
 """
@@ -30,3 +32,4 @@ from dgq_utils.world.scenes import (
     scenes_from_captions,
     vocabulary,
 )
+from dgq_utils.world import fidelity  # noqa: E402,F401  (registers the "dgq-world-evaluator" extractor)

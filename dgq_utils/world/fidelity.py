@@ -5,14 +5,22 @@
 feature_extractor="dgq-world-evaluator")`` computes FID/KID on the 256-d penultimate features and an
 IS-style score on the 40 (colour, shape) log-probabilities of slot 0 (``logits_unbiased``; torch-fidelity
 applies the softmax). Inputs are uint8 tensors (B, 3, H, W), resized to 64x64 inside.
+
+Importing this module also registers the extractor, lazily, with the engine's registry
+(:func:`dgq_utils.evaluate.metrics.register_lazy_extractor`), so ``MetricsConfig(extractor=EXTRACTOR)`` works in
+:func:`dgq_utils.evaluate.compare.run_comparison`; the world package imports this module, so ``import
+dgq_utils.world`` is enough.
 """
 from __future__ import annotations
 
 import torch
 
 from dgq_utils import paths
+from dgq_utils.evaluate.metrics import register_extractor, register_lazy_extractor
 
 NAME = "dgq-world-evaluator"
+#: the name under which the engine's metrics know this extractor (the same as torch-fidelity's)
+EXTRACTOR = NAME
 DEFAULT_EVALUATOR_DIR = paths.embedded_dir() / "evaluator"
 
 
@@ -69,6 +77,26 @@ def register() -> str:
     if NAME not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(NAME, _extractor_class())
     return NAME
+
+
+def register_with_engine() -> None:
+    """Register the extractor with the engine's metrics: the 256-d penultimate features for FID/KID and the 40
+    (colour, shape) log-probabilities for the IS-style score; weights default to the shipped evaluator."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    register()
+    register_extractor(
+        EXTRACTOR, FEATURE_EXTRACTORS_REGISTRY[NAME], fid_layer="penultimate", kid_layer="penultimate",
+        isc_layer="logits_unbiased", needs_weights=True,
+        weights_hint=(f"the embedded attribute evaluator (model.safetensors + config.json), by default in "
+                      f"{DEFAULT_EVALUATOR_DIR}; it ships with the repository (data/embedded) or is retrained "
+                      "by scripts/train_embedded.py."),
+        default_weights=lambda: str(DEFAULT_EVALUATOR_DIR)
+        if (DEFAULT_EVALUATOR_DIR / "model.safetensors").is_file() else None,
+        replace=True)
+
+
+register_lazy_extractor(EXTRACTOR, register_with_engine)
 
 
 class _Uint8Dataset(torch.utils.data.Dataset):
