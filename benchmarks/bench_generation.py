@@ -7,7 +7,7 @@
 
 Writes ``benchmarks/results/generation_cpu.json`` and ``.md``: images/s (and s/image) for FP and the quantized
 recipe, the calibration time, and what those imply for the embedded comparison's default N
-(:data:`dgq_utils.evaluate.EMBEDDED_N_PROMPTS`): FP once + 6 quantized recipes, each calibrated once.
+(:data:`dgq_utils.world.comparison.EMBEDDED_N_PROMPTS`): FP once + 6 quantized recipes, each calibrated once.
 Timings exclude model loading; images are generated into a temporary cache (nothing reused between runs). Each
 batch is timed separately and the fastest batch is reported (with the median): on a shared machine it is the one
 least disturbed by other processes. The 1-minute load average is recorded too.
@@ -54,7 +54,8 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from dgq_utils.atomic import atomic_write_json, atomic_write_text
-    from dgq_utils.evaluate.compare import DEFAULT_RECIPES, EMBEDDED_N_PROMPTS
+    from dgq_utils.evaluate.compare import DEFAULT_RECIPES
+    from dgq_utils.world.comparison import EMBEDDED_N_PROMPTS
     from dgq_utils.config import SamplerSettings
     from dgq_utils.generate.images import generate_images, model_identity
     from dgq_utils.model.loading import EMBEDDED_PIPELINE_DIR
@@ -63,7 +64,7 @@ def main() -> int:
     use_embedded = a.model_path is not None or a.model == "embedded" or (
         a.model == "auto" and (EMBEDDED_PIPELINE_DIR / "model_index.json").exists())
     if use_embedded:
-        from dgq_utils.evaluate.compare import embedded_calibration_prompts, embedded_prompts
+        from dgq_utils.world.comparison import embedded_calibration_prompts, embedded_prompts
         from dgq_utils.model.loading import load_pipeline
 
         pipe = load_pipeline(a.model_path, device=a.device)

@@ -2,7 +2,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 IMAGE_FORMATS = ("png", "jpg")
 
@@ -36,6 +36,10 @@ class SamplerSettings:
             v = getattr(self, side)
             if v is not None and (int(v) <= 0 or int(v) % 8):
                 raise ValueError(f"{side} must be a positive multiple of 8, got {v}")
+
+    def replace(self, **changes) -> "SamplerSettings":
+        """A copy with ``changes`` applied (checked like the original)."""
+        return replace(self, **changes)
 
     def resolved(self, pipe) -> "SamplerSettings":
         default = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
