@@ -51,7 +51,7 @@ __all__ = [
 #: :func:`run_embedded_comparison` for the time budget and CI widths it gives
 EMBEDDED_N_PROMPTS = 96
 #: image and feature caches shared by every embedded comparison (git-ignored)
-EMBEDDED_CACHE = paths.data_dir() / "cache"
+EMBEDDED_CACHE = paths.cache_dir()
 
 
 def _embedded_dirs(embedded_dir=None) -> dict[str, Path]:
