@@ -109,7 +109,8 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def _split_seed(seed: int, split: str) -> int:
+def split_seed(seed: int, split: str) -> int:
+    """The generator seed of ``split`` for a user ``seed``: 62 bits of SHA-256 (splits never share noise)."""
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
     digest = hashlib.sha256(f"{seed}/{split}".encode()).digest()
@@ -182,7 +183,7 @@ def sample_scenes(n: int, split: str = "train", seed: int = 0, *, p_two: float =
     (the training loops do) instead of starting one from ``seed``.
     """
     if generator is None:
-        generator = torch.Generator().manual_seed(_split_seed(seed, split))
+        generator = torch.Generator().manual_seed(split_seed(seed, split))
     g = generator
 
     def randint(high, size):

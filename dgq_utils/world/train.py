@@ -85,7 +85,7 @@ def _sync(device):
 
 
 def _stream(split: str, seed: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(W._split_seed(seed, split) ^ (salt * 0x9E3779B97F4A7C15 & ((1 << 62) - 1)))
+    return torch.Generator().manual_seed(W.split_seed(seed, split) ^ (salt * 0x9E3779B97F4A7C15 & ((1 << 62) - 1)))
 
 
 # -------------------------------------------------------------------------------------------------- CLIP
