@@ -2,7 +2,7 @@
 
 Modules, in the order of the notebooks: :mod:`.folders` (where a run writes), :mod:`.context` (model, device,
 prompts), :mod:`.layer_names`, :mod:`.outliers` (01), :mod:`.grouping_study` (02), :mod:`.attention_study` (03),
-:mod:`.comparison` (04-06: calibrated-state cache, metrics set-up, ablation recipes, paired tables, the paper's
+:mod:`.comparison` (04-06: metrics set-up, ablation recipes, paired tables, the paper's
 Table 2), :mod:`.prose` (sentences from the numbers), :mod:`.plots` (figures), :mod:`.chain` (``python -m
 dgq_utils.report``) and :mod:`.demo`.
 

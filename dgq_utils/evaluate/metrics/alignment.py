@@ -22,7 +22,7 @@ def alignment_table(images, prompts: Sequence[str], evaluator) -> pd.DataFrame:
     fraction in [0, 1]; NaN where the attribute does not apply to that prompt, e.g. ``relation`` for a one-object
     prompt), ``caption`` (every stated attribute right) and flags ``held_out`` (the prompt uses a held-out
     colour-shape combination) / ``two_objects``. The world's evaluator is wrapped to this signature by
-    :func:`dgq_utils.evaluate.embedded_alignment_evaluator`.
+    :func:`dgq_utils.world.comparison.embedded_alignment_evaluator`.
     """
     x = load_images(images) if not torch.is_tensor(images) else images
     prompts = list(prompts)
