@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["folder_fingerprint", "model_fingerprint", "model_identity"]
+__all__ = ["folder_fingerprint", "model_fingerprint", "model_identity", "runtime_identity"]
 
 
 def model_fingerprint(pipe) -> str:
@@ -51,3 +51,11 @@ def model_identity(pipe, model_id: str | None = None) -> str:
         p = Path(nop)
         return f"{p.resolve()}@{folder_fingerprint(p)}" if p.is_dir() else str(nop)
     return model_fingerprint(pipe)
+
+
+def runtime_identity(pipe) -> dict:
+    """Where and in what precision the UNet runs (``{"device": "cpu"|"cuda"|..., "dtype": "torch.float32"}``):
+    part of the image and calibrated-state cache keys, since the same model makes different numbers on another
+    device or dtype."""
+    unet = pipe.unet
+    return {"device": unet.device.type, "dtype": str(unet.dtype)}

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from dgq_utils.config import QuantRecipe, SamplerSettings, get_preset, recipe_hash
 from dgq_utils.keys import stable_hash
-from dgq_utils.model.identity import model_identity
+from dgq_utils.model.identity import model_identity, runtime_identity
 from dgq_utils.quantize.pipeline import dequantize_pipeline, is_quantized, quantize_pipeline
 from dgq_utils.quantize.state import load_quant_state, save_quant_state
 
@@ -74,7 +74,7 @@ class StateCache:
         ``pipe`` must be the FP pipeline when ``model_id`` is not given (its weights may be hashed)."""
         r = _recipe(recipe)
         key = state_key(model_identity(pipe, model_id), r, calibration_prompts, sampler.resolved(pipe), seed,
-                        device=pipe.unet.device.type, dtype=str(pipe.unet.dtype), options=self.options)
+                        **runtime_identity(pipe), options=self.options)
         return self.state_dir / f"{r.name}-{key}.safetensors"
 
     def quantize(self, pipe, recipe: QuantRecipe | str, calibration_prompts: Sequence[str],
