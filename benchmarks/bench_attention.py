@@ -34,6 +34,11 @@ sys.path.insert(0, str(ROOT))
 # (name, latent side, channels, count in the UNet per attention kind)
 SD15_LEVELS = [("64x64", 64, 320, 5), ("32x32", 32, 640, 5), ("16x16", 16, 1280, 5), ("mid 8x8", 8, 1280, 1)]
 HEADS = 8
+# --sweep candidates by (float32?, padded head dim): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+SWEEP = {False: {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4),
+                      (128, 64, 8, 4)],
+                 128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+                 256: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 32, 4, 3)]}}
 TEXT_TOKENS, TEXT_DIM = 77, 768
 
 
@@ -44,6 +49,9 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=8, help="softmax bits (default 8, as dgq-w8a8)")
     ap.add_argument("--rep-ms", type=float, default=200.0, help="do_bench repetition time per measurement (ms)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attention_h200"))
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the fused kernel under alternative launch configurations (BLOCK_M, BLOCK_N, "
+                         "warps, stages) per shape, to choose kernels.quant_attention.default_config")
     a = ap.parse_args()
 
     import torch
@@ -54,6 +62,7 @@ def main() -> int:
     from dgq_utils.atomic import atomic_write_json, atomic_write_text
     from dgq_utils.attention import DGQAttnProcessor, ProbQuantizer, release_workspace
     from dgq_utils.kernels import ProbQuantSpec, quant_attention
+    from dgq_utils.kernels.quant_attention import default_config
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device (the fused kernel runs on CUDA).")
@@ -91,6 +100,14 @@ def main() -> int:
             v = torch.randn(a.batch, nk, HEADS, d, device=dev, dtype=dtype).transpose(1, 2)
             sdpa_ms, sdpa_mb = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
             fused_ms, fused_mb = bench(lambda: quant_attention(q, k, v, d**-0.5, spec))
+            sweep = {}
+            if a.sweep:
+                for cfg in SWEEP.get(dtype == torch.float32, {}).get(max(64, 1 << (d - 1).bit_length()), []):
+                    try:
+                        sweep[str(cfg)] = bench(lambda: quant_attention(q, k, v, d**-0.5, spec, launch=cfg))[0]
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
+                        sweep[str(cfg)] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+                print(f"{level} {kind} default {default_config(d, dtype)}: {fused_ms:.3f} ms; sweep {sweep}")
             del q, k, v
             # processor: a diffusers Attention module at this level
             attn = Attention(query_dim=dim, cross_attention_dim=TEXT_DIM if kind == "cross" else None, heads=HEADS,
@@ -114,7 +131,8 @@ def main() -> int:
                              core_sdpa_ms=sdpa_ms, core_fused_ms=fused_ms, core_sdpa_mib=sdpa_mb,
                              core_fused_mib=fused_mb, proc_plain_ms=p_ms, proc_fused_ms=f_ms, proc_reference_ms=r_ms,
                              proc_plain_mib=p_mb, proc_fused_mib=f_mb, proc_reference_mib=r_mb,
-                             fused_vs_reference_rel_l2=err))
+                             fused_vs_reference_rel_l2=err, fused_config=list(default_config(d, dtype)),
+                             sweep_core_fused_ms=sweep))
             del attn, x, ctx, procs
             torch.cuda.empty_cache()
 

@@ -14,7 +14,7 @@ an ``Nq x Nk`` tensor in memory (two Triton launches; see :mod:`dgq_utils.kernel
 
 Numerics against the materialising reference (the same grid, rounding, zero level, clamping and FP ``<start>``
 column; what differs is only floating-point order): the logits come from a tensor-core product of the input
-dtype with float32 accumulation (float32 inputs: IEEE float32 products, no TF32), ``exp`` is computed as ``exp2``
+dtype with float32 accumulation (float32 inputs: 3xTF32 products, about float32 accuracy), ``exp`` is computed as ``exp2``
 of base-2 logits, and ``p / scale`` as ``exp2(t - m) / (l * scale)``. These differ from the reference's
 float32 probabilities by a few ulps to ~1e-6 relative, so a probability lying that close to a log2 level boundary
 (``scale * 2^-(k + 1/2)``) or a uniform half-step can land on the neighbouring level: a fraction of order 1e-5 of the
@@ -40,7 +40,7 @@ from torch import Tensor
 from ..quantizers import SCALE_FLOOR, check_bits
 
 __all__ = ["ProbQuantSpec", "prob_multiplier", "quant_attention", "row_statistics", "triton_available",
-           "unsupported_reason", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+           "unsupported_reason", "default_config", "LaunchConfig", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,28 +147,40 @@ def prob_multiplier(pmax: Tensor, spec: ProbQuantSpec, static_max: Tensor | floa
     return m.contiguous()
 
 
-def _config(block_d: int, elem_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim and element size (fixed, no autotuning: a
-    quantized UNet hits few shapes and compiling a tuning sweep would cost more than it saves)."""
-    if elem_size == 4:
-        return (64, 32, 4, 2) if block_d <= 64 else (32, 32, 4, 1) if block_d <= 128 else (16, 32, 4, 1)
-    if block_d <= 64:
-        return 128, 64, 4, 3
+#: One launch configuration: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+LaunchConfig = tuple[int, int, int, int]
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The launch configuration used for ``head_dim`` and ``dtype`` (fixed, no autotuning: a quantized UNet hits
+    few shapes, and compiling a tuning sweep on first use would cost more than it saves;
+    ``benchmarks/bench_attention.py --sweep`` times the alternatives). Chosen so that neither pass spills
+    registers on sm_90 in fp16/bf16 (checked with ``cuobjdump --dump-resource-usage``); float32 (3xTF32 products)
+    is a correctness path and spills at head dims > 64."""
+    block_d = _block_d(head_dim)
+    if dtype == torch.float32:
+        return (64, 32, 4, 2) if block_d <= 64 else (64, 32, 8, 2) if block_d <= 128 else (64, 32, 8, 1)
     if block_d <= 128:
         return 128, 64, 8, 3
     return 64, 32, 8, 2
 
 
-def _launch_args(query: Tensor, key: Tensor):
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _launch_args(query: Tensor, key: Tensor, launch: LaunchConfig | None):
     b, h, nq, d = query.shape
     nk = key.shape[2]
-    block_d = max(16, 1 << (d - 1).bit_length())
-    bm, bn, warps, stages = _config(block_d, query.element_size())
+    bm, bn, warps, stages = launch if launch is not None else default_config(d, query.dtype)
+    if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"launch blocks must be powers of two >= 16; got BLOCK_M={bm}, BLOCK_N={bn}.")
     grid = (math.ceil(nq / bm), b * h)
-    return b, h, nq, nk, d, block_d, bm, bn, warps, stages, grid
+    return b, h, nq, nk, d, _block_d(d), bm, bn, warps, stages, grid
 
 
-def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_first: bool):
+def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_first: bool,
+                   launch: LaunchConfig | None = None):
     """Pass 1 alone: ``(m, l, pmax)``, each ``(B, heads, Nq)`` float32, ``m`` in base-2 logits
     (``max_j (q . k_j) * softmax_scale * log2(e)``), ``l = sum_j 2^(t_j - m)``, ``pmax`` the largest probability
     over keys ``1..`` (``exclude_first``) or all keys. :func:`dgq_utils.kernels.reference.row_statistics_reference`
@@ -177,7 +189,7 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
     if reason is not None:
         raise ValueError(f"row_statistics cannot run the kernel: {reason}.")
     tk = _triton_module()
-    b, h, nq, nk, d, block_d, bm, bn, warps, stages, grid = _launch_args(query, key)
+    b, h, nq, nk, d, block_d, bm, bn, warps, stages, grid = _launch_args(query, key, launch)
     m = torch.empty(b, h, nq, dtype=torch.float32, device=query.device)
     l_ = torch.empty_like(m)
     pmax = torch.empty_like(m)
@@ -185,19 +197,21 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
         tk.row_stats_kernel[grid](
             query, key, m, l_, pmax, *query.stride(), *key.stride(), h, nq, nk, d,
             float(softmax_scale) * math.log2(math.e),
-            EXCL_FIRST=bool(exclude_first and nk > 1), IEEE=query.dtype == torch.float32,
+            EXCL_FIRST=bool(exclude_first and nk > 1), F32=query.dtype == torch.float32,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return m, l_, pmax
 
 
 def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: float, spec: ProbQuantSpec,
-                    static_max: Tensor | float | None = None, *, return_probs: bool = False):
+                    static_max: Tensor | float | None = None, *, return_probs: bool = False,
+                    launch: LaunchConfig | None = None):
     """``Q(softmax(query @ key^T * softmax_scale)) @ value`` for ``(B, heads, N, d)`` inputs (any strides).
 
     Returns ``(B, heads, Nq, d)`` in ``value``'s dtype, laid out as ``(B, Nq, heads, d)`` in memory (so the
     usual ``transpose(1, 2).reshape(B, Nq, heads * d)`` is free). ``return_probs=True`` (tests only: it writes
     the ``Nq x Nk`` tensor the kernel otherwise avoids) also returns the quantized probabilities as float32
-    ``(B, heads, Nq, Nk)``. Raises ``ValueError`` with the reason when :func:`unsupported_reason` objects.
+    ``(B, heads, Nq, Nk)``. ``launch`` overrides :func:`default_config` (benchmarks). Raises ``ValueError``
+    with the reason when :func:`unsupported_reason` objects.
     """
     if not isinstance(spec, ProbQuantSpec):
         raise TypeError(f"quant_attention: spec must be a ProbQuantSpec; got {type(spec).__name__}.")
@@ -205,9 +219,9 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
     if reason is not None:
         raise ValueError(f"quant_attention cannot run the kernel: {reason}; use the reference processor.")
     tk = _triton_module()
-    b, h, nq, nk, d, block_d, bm, bn, warps, stages, grid = _launch_args(query, key)
+    b, h, nq, nk, d, block_d, bm, bn, warps, stages, grid = _launch_args(query, key, launch)
     keep_start = _keep_start(spec, nk)
-    m, l_, pmax = row_statistics(query, key, softmax_scale, keep_start)
+    m, l_, pmax = row_statistics(query, key, softmax_scale, keep_start, launch)
     mult = prob_multiplier(pmax, spec, static_max)
     if spec.quantizer == "log2":
         quant, level_min, level_max = tk.QUANT_LOG2, 2.0 ** -(2**spec.bits - 1), 1.0
@@ -225,6 +239,6 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             h, nq, nk, d, float(softmax_scale) * math.log2(math.e), level_min, level_max,
             QUANT=quant, ZERO_LEVEL=bool(spec.zero_level), KEEP_START=keep_start, WRITE_P=bool(return_probs),
-            IEEE=query.dtype == torch.float32,
+            F32=query.dtype == torch.float32,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return (out, probs) if return_probs else out

@@ -27,8 +27,9 @@ QUANT_NONE, QUANT_LOG2, QUANT_UNIFORM = 0, 1, 2
 # Exact round-to-nearest in the log2 domain on the float32 bits (same trick as the in-place reference quantizer):
 # sqrt(2)'s 23-bit mantissa lies strictly between 0x3504F3 and 0x3504F4, so adding 0x800000 - 0x3504F4 carries
 # into the exponent exactly when the mantissa is >= sqrt(2); masking the mantissa then leaves 2^round(log2 r).
-SQRT2_CARRY = 0x800000 - 0x3504F4
-EXPONENT_MASK = 0x7F800000
+# (tl.constexpr: a @triton.jit function may only read module globals that are constexprs)
+SQRT2_CARRY = tl.constexpr(0x800000 - 0x3504F4)
+EXPONENT_MASK = tl.constexpr(0x7F800000)
 
 
 @triton.jit
@@ -38,12 +39,12 @@ def _load_q(Q, b, h, offs_m, offs_d, s_b, s_h, s_n, s_d, NQ, D):
 
 
 @triton.jit
-def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, IEEE: tl.constexpr):
+def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, F32: tl.constexpr):
     """Base-2 logits of one (BLOCK_M, BLOCK_N) tile; keys past NK are -inf."""
     k_ptrs = K + b * s_b + h * s_h + kn[None, :] * s_n + offs_d[:, None] * s_d  # (BLOCK_D, BLOCK_N)
     k = tl.load(k_ptrs, mask=(kn[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
+    if F32:
+        s = tl.dot(q, k, input_precision="tf32x3")
     else:
         s = tl.dot(q, k)
     s = s * qk_scale
@@ -54,7 +55,7 @@ def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, IEEE: t
 def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
                      H, NQ, NK, D, qk_scale,
-                     EXCL_FIRST: tl.constexpr, IEEE: tl.constexpr,
+                     EXCL_FIRST: tl.constexpr, F32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -69,7 +70,7 @@ def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
     x_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for start in range(0, NK, BLOCK_N):
         kn = start + offs_n
-        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, IEEE)
+        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
@@ -89,7 +90,7 @@ def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
                            so_b, so_h, so_n, so_d,
                            H, NQ, NK, D, qk_scale, level_min, level_max,
                            QUANT: tl.constexpr, ZERO_LEVEL: tl.constexpr, KEEP_START: tl.constexpr,
-                           WRITE_P: tl.constexpr, IEEE: tl.constexpr,
+                           WRITE_P: tl.constexpr, F32: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """``level_min``/``level_max``: log2 -- the smallest nonzero level ``2^-(2^b-1)`` (as float32) and 1;
     uniform -- 0 and ``2^b - 1``. ``MULT``: one float32 per sample (scale or step; 1 when QUANT_NONE).
@@ -114,7 +115,7 @@ def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
     v_base = V + b * sv_b + h * sv_h
     for start in range(0, NK, BLOCK_N):
         kn = start + offs_n
-        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, IEEE)
+        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32)
         e = tl.exp2(s - m_i[:, None])
         if KEEP_START:
             if start == 0:
@@ -143,8 +144,8 @@ def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
         lv = tl.where(kn[None, :] < NK, lv, 0.0)
         v_ptrs = v_base + kn[:, None] * sv_n + offs_d[None, :] * sv_d
         v = tl.load(v_ptrs, mask=(kn[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-        if IEEE:
-            acc += tl.dot(lv.to(v.dtype), v, input_precision="ieee")
+        if F32:
+            acc += tl.dot(lv.to(v.dtype), v, input_precision="tf32x3")
         else:
             acc += tl.dot(lv.to(v.dtype), v)
         if WRITE_P:
