@@ -11,7 +11,7 @@ events (``triton.testing.do_bench``, median):
   unquantized), ``fused`` (:func:`dgq_utils.kernels.quant_attention`, DGQ's softmax quantizer: log2, 8 bits,
   per-prompt scale, ``<start>`` FP in cross-attention);
 * ``processor``: one call of a diffusers ``Attention`` module (projections included) with diffusers'
-  ``AttnProcessor2_0`` (plain fp16 SDPA), :class:`~dgq_utils.attention.DGQAttnProcessor` on its fused path and on
+  ``AttnProcessor2_0`` (plain fp16 SDPA), :class:`~dgq_utils.model.attention.DGQAttnProcessor` on its fused path and on
   its reference (materialising) path, the same probability quantizer, Q/K/V quantizers off (they are the same
   elementwise work on both paths and are measured elsewhere);
 
@@ -60,7 +60,7 @@ def main() -> int:
     from tqdm import tqdm
 
     from dgq_utils.atomic import atomic_write_json, atomic_write_text
-    from dgq_utils.attention import DGQAttnProcessor, ProbQuantizer, release_workspace
+    from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer, release_workspace
     from dgq_utils.kernels import ProbQuantSpec, quant_attention
     from dgq_utils.kernels.quant_attention import default_config
 

@@ -31,11 +31,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dgq_utils.attention import BACKEND_ENV, DGQAttnProcessor, ProbQuantizer
+from dgq_utils.model.attention import BACKEND_ENV, DGQAttnProcessor, ProbQuantizer
 from dgq_utils.kernels import ProbQuantSpec, prob_multiplier, unsupported_reason
 from dgq_utils.kernels.reference import (probabilities_reference, quant_attention_reference,
                                          quantize_probs_reference, row_statistics_reference)
-from dgq_utils.quantizers import SCALE_FLOOR
+from dgq_utils.core.quantizers import SCALE_FLOOR
 
 FLIP_TOL = 1e-4
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -317,7 +317,7 @@ def _sd_attention(cross: bool, dim: int, dtype):
 
 
 def _active_qkv(bits=8, device="cuda"):
-    from dgq_utils.layers import ActQuantizer
+    from dgq_utils.model.layers import ActQuantizer
 
     out = {}
     for part in ("q", "k", "v"):

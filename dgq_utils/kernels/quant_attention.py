@@ -1,6 +1,6 @@
 """Fused attention with a quantized softmax: ``quant_attention(q, k, v, softmax_scale, spec)``.
 
-Computes what :class:`dgq_utils.attention.DGQAttnProcessor` computes after Q/K/V quantization --
+Computes what :class:`dgq_utils.model.attention.DGQAttnProcessor` computes after Q/K/V quantization --
 ``Q(softmax(Q K^T * scale)) V`` with the probability quantizer described by a :class:`ProbQuantSpec` -- without
 an ``Nq x Nk`` tensor in memory (two Triton launches; see :mod:`dgq_utils.kernels.triton_attention`):
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..quantizers import SCALE_FLOOR, check_bits
+from dgq_utils.core.quantizers import SCALE_FLOOR, check_bits
 
 __all__ = ["ProbQuantSpec", "prob_multiplier", "quant_attention", "row_statistics", "triton_available",
            "unsupported_reason", "default_config", "LaunchConfig", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
@@ -51,12 +51,12 @@ _TRITON: list = []  # [module or None], filled on first use
 
 @dataclass(frozen=True)
 class ProbQuantSpec:
-    """What the probability quantizer does (mirrors :class:`dgq_utils.attention.ProbQuantizer`).
+    """What the probability quantizer does (mirrors :class:`dgq_utils.model.attention.ProbQuantizer`).
 
     ``quantizer``: ``"log2"``, ``"uniform"``, or ``None`` (unquantized softmax). ``scale``: ``"per_prompt"``,
     ``"batch"`` or ``"static"`` (then pass ``static_max``). ``keep_start``: column 0 stays FP and is left out of
     the scale (ignored when there is only one key, as in the reference). ``zero_level``: see
-    :func:`dgq_utils.quantizers.fake_quant_log2`.
+    :func:`dgq_utils.core.quantizers.fake_quant_log2`.
     """
 
     quantizer: str | None = "log2"

@@ -1,9 +1,9 @@
 """Plain-torch reference of the fused quantized attention's math (materialises the probabilities).
 
 The oracle of :mod:`dgq_utils.kernels.quant_attention` on the CPU and under Triton's interpreter: the same
-function, computed the way :class:`dgq_utils.attention.DGQAttnProcessor`'s reference path computes it (float32
+function, computed the way :class:`dgq_utils.model.attention.DGQAttnProcessor`'s reference path computes it (float32
 softmax of ``(q * scale) @ k^T``, the scale as the max of the materialised probabilities, the quantizers of
-:mod:`dgq_utils.quantizers`, the ``<start>`` column passed through, ``P.to(v.dtype) @ v``).
+:mod:`dgq_utils.core.quantizers`, the ``<start>`` column passed through, ``P.to(v.dtype) @ v``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..quantizers import SCALE_FLOOR, fake_quant_log2, fake_quant_uniform
+from dgq_utils.core.quantizers import SCALE_FLOOR, fake_quant_log2, fake_quant_uniform
 from .quant_attention import ProbQuantSpec
 
 __all__ = ["probabilities_reference", "prob_scale_reference", "quantize_probs_reference",
