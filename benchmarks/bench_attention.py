@@ -107,7 +107,7 @@ def main() -> int:
                         sweep[str(cfg)] = bench(lambda: quant_attention(q, k, v, d**-0.5, spec, launch=cfg))[0]
                     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
                         sweep[str(cfg)] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-                print(f"{level} {kind} default {default_config(d, dtype)}: {fused_ms:.3f} ms; sweep {sweep}")
+                print(f"{level} {kind} default {default_config(d, dtype, nk)}: {fused_ms:.3f} ms; sweep {sweep}")
             del q, k, v
             # processor: a diffusers Attention module at this level
             attn = Attention(query_dim=dim, cross_attention_dim=TEXT_DIM if kind == "cross" else None, heads=HEADS,
@@ -131,7 +131,7 @@ def main() -> int:
                              core_sdpa_ms=sdpa_ms, core_fused_ms=fused_ms, core_sdpa_mib=sdpa_mb,
                              core_fused_mib=fused_mb, proc_plain_ms=p_ms, proc_fused_ms=f_ms, proc_reference_ms=r_ms,
                              proc_plain_mib=p_mb, proc_fused_mib=f_mb, proc_reference_mib=r_mb,
-                             fused_vs_reference_rel_l2=err, fused_config=list(default_config(d, dtype)),
+                             fused_vs_reference_rel_l2=err, fused_config=list(default_config(d, dtype, nk)),
                              sweep_core_fused_ms=sweep))
             del attn, x, ctx, procs
             torch.cuda.empty_cache()

@@ -32,13 +32,17 @@ echo "bench rc=$? at $(( $(date +%s) - start )) s" | tee -a "$OUTDIR/env.txt"
 pids=()
 tags=(float16 bfloat16 float32)
 sels=("(float16 and not bfloat16) or fallbacks" "bfloat16" "float32")
-for i in 0 1 2; do
+if [ -n "${TESTS_K:-}" ]; then  # a shorter run: ';'-separated -k selections, one process each
+  IFS=';' read -r -a sels <<< "$TESTS_K"
+  tags=(); for i in "${!sels[@]}"; do tags+=("part$i"); done
+fi
+for i in "${!sels[@]}"; do
   DGQ_GPU_TEST_OUT="/tmp/gpu_tests_${tags[$i]}.json" timeout "${TEST_TIMEOUT:-200}" \
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k "${sels[$i]}" -rA --tb=short \
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k "${sels[$i]}" -rA -v --tb=short \
     > "/tmp/tests_${tags[$i]}.log" 2>&1 &
   pids+=($!)
 done
-for i in 0 1 2; do wait "${pids[$i]}"; echo "tests ${tags[$i]} rc=$?" | tee -a "$OUTDIR/env.txt"; done
+for i in "${!sels[@]}"; do wait "${pids[$i]}"; echo "tests ${tags[$i]} rc=$?" | tee -a "$OUTDIR/env.txt"; done
 for t in "${tags[@]}"; do echo "== tests -m gpu, ${t}"; cat "/tmp/tests_$t.log"; done > "$OUTDIR/tests.log"
 python3 - "$OUTDIR/gpu_tests.json" <<'PY'
 import glob, json, sys

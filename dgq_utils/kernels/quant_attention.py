@@ -151,18 +151,21 @@ def prob_multiplier(pmax: Tensor, spec: ProbQuantSpec, static_max: Tensor | floa
 LaunchConfig = tuple[int, int, int, int]
 
 
-def default_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """The launch configuration used for ``head_dim`` and ``dtype`` (fixed, no autotuning: a quantized UNet hits
-    few shapes, and compiling a tuning sweep on first use would cost more than it saves;
-    ``benchmarks/bench_attention.py --sweep`` times the alternatives). Chosen so that neither pass spills
-    registers on sm_90 in fp16/bf16 (checked with ``cuobjdump --dump-resource-usage``); float32 (3xTF32 products)
-    is a correctness path and spills at head dims > 64."""
+def default_config(head_dim: int, dtype: torch.dtype, num_keys: int = 4096) -> LaunchConfig:
+    """The launch configuration used for ``head_dim``, ``dtype`` and ``num_keys`` (fixed, no autotuning: a
+    quantized UNet hits few shapes, and compiling a tuning sweep on first use would cost more than it saves).
+    fp16/bf16: the fastest of ``benchmarks/bench_attention.py --sweep`` on an H200 at the SD v1.5 shapes
+    (``benchmarks/results/attention_h200.json``): BLOCK_N 32 for the 77 text keys, 64 for self-attention.
+    float32 (3xTF32 products) is a correctness path, not tuned (it spills registers at head dims > 64)."""
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
         return (64, 32, 4, 2) if block_d <= 64 else (64, 32, 8, 2) if block_d <= 128 else (64, 32, 8, 1)
+    short = num_keys <= 128
+    if block_d <= 64:
+        return (128, 32, 4, 3) if short else (128, 64, 4, 3)
     if block_d <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 8, 2
+        return (128, 32, 8, 3) if short else (128, 64, 8, 3)
+    return 32, 64, 4, 2
 
 
 def _block_d(head_dim: int) -> int:
@@ -172,7 +175,7 @@ def _block_d(head_dim: int) -> int:
 def _launch_args(query: Tensor, key: Tensor, launch: LaunchConfig | None):
     b, h, nq, d = query.shape
     nk = key.shape[2]
-    bm, bn, warps, stages = launch if launch is not None else default_config(d, query.dtype)
+    bm, bn, warps, stages = launch if launch is not None else default_config(d, query.dtype, nk)
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"launch blocks must be powers of two >= 16; got BLOCK_M={bm}, BLOCK_N={bn}.")
     grid = (math.ceil(nq / bm), b * h)
@@ -197,7 +200,7 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
         tk.row_stats_kernel[grid](
             query, key, m, l_, pmax, *query.stride(), *key.stride(), h, nq, nk, d,
             float(softmax_scale) * math.log2(math.e),
-            EXCL_FIRST=bool(exclude_first and nk > 1), F32=query.dtype == torch.float32,
+            EXCL_FIRST=bool(exclude_first and nk > 1), F32=query.dtype == torch.float32, EVEN_N=nk % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return m, l_, pmax
 
@@ -239,6 +242,6 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             h, nq, nk, d, float(softmax_scale) * math.log2(math.e), level_min, level_max,
             QUANT=quant, ZERO_LEVEL=bool(spec.zero_level), KEEP_START=keep_start, WRITE_P=bool(return_probs),
-            F32=query.dtype == torch.float32,
+            F32=query.dtype == torch.float32, EVEN_N=nk % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return (out, probs) if return_probs else out

@@ -39,23 +39,29 @@ def _load_q(Q, b, h, offs_m, offs_d, s_b, s_h, s_n, s_d, NQ, D):
 
 
 @triton.jit
-def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, F32: tl.constexpr):
-    """Base-2 logits of one (BLOCK_M, BLOCK_N) tile; keys past NK are -inf."""
+def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, F32: tl.constexpr, EVEN_N: tl.constexpr):
+    """Base-2 logits of one (BLOCK_M, BLOCK_N) tile; keys past NK are -inf (``EVEN_N``: NK is a multiple of
+    BLOCK_N, there are none and the key masks are left out)."""
     k_ptrs = K + b * s_b + h * s_h + kn[None, :] * s_n + offs_d[:, None] * s_d  # (BLOCK_D, BLOCK_N)
-    k = tl.load(k_ptrs, mask=(kn[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
+    if EVEN_N:
+        k = tl.load(k_ptrs, mask=offs_d[:, None] < D, other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=(kn[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
     if F32:
         s = tl.dot(q, k, input_precision="tf32x3")
     else:
         s = tl.dot(q, k)
     s = s * qk_scale
-    return tl.where(kn[None, :] < NK, s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(kn[None, :] < NK, s, float("-inf"))
+    return s
 
 
 @triton.jit
 def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
                      H, NQ, NK, D, qk_scale,
-                     EXCL_FIRST: tl.constexpr, F32: tl.constexpr,
+                     EXCL_FIRST: tl.constexpr, F32: tl.constexpr, EVEN_N: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -70,13 +76,19 @@ def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
     x_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for start in range(0, NK, BLOCK_N):
         kn = start + offs_n
-        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32, EVEN_N)
+        s_max = tl.max(s, axis=1)
+        if EXCL_FIRST:  # the max over keys 1..: only the first block holds key 0
+            if start == 0:
+                x_blk = tl.max(tl.where(kn[None, :] >= 1, s, float("-inf")), axis=1)
+            else:
+                x_blk = s_max
+            x_i = tl.maximum(x_i, x_blk)
+        m_new = tl.maximum(m_i, s_max)
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
-        if EXCL_FIRST:
-            s = tl.where(kn[None, :] >= 1, s, float("-inf"))
-        x_i = tl.maximum(x_i, tl.max(s, axis=1))
+    if not EXCL_FIRST:
+        x_i = m_i  # the largest probability is 2^0 / l
     row = pid_bh * NQ + offs_m
     ok = offs_m < NQ
     tl.store(M_OUT + row, m_i, mask=ok)
@@ -90,7 +102,7 @@ def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
                            so_b, so_h, so_n, so_d,
                            H, NQ, NK, D, qk_scale, level_min, level_max,
                            QUANT: tl.constexpr, ZERO_LEVEL: tl.constexpr, KEEP_START: tl.constexpr,
-                           WRITE_P: tl.constexpr, F32: tl.constexpr,
+                           WRITE_P: tl.constexpr, F32: tl.constexpr, EVEN_N: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """``level_min``/``level_max``: log2 -- the smallest nonzero level ``2^-(2^b-1)`` (as float32) and 1;
     uniform -- 0 and ``2^b - 1``. ``MULT``: one float32 per sample (scale or step; 1 when QUANT_NONE).
@@ -115,8 +127,8 @@ def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
     v_base = V + b * sv_b + h * sv_h
     for start in range(0, NK, BLOCK_N):
         kn = start + offs_n
-        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32)
-        e = tl.exp2(s - m_i[:, None])
+        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32, EVEN_N)
+        e = tl.exp2(s - m_i[:, None])  # keys past NK: 0
         if KEEP_START:
             if start == 0:
                 p0 = tl.sum(tl.where(kn[None, :] == 0, e, 0.0), axis=1)
@@ -140,10 +152,14 @@ def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
         else:
             lv = r
         if KEEP_START:
-            lv = tl.where(kn[None, :] == 0, 0.0, lv)
-        lv = tl.where(kn[None, :] < NK, lv, 0.0)
+            if start == 0:
+                lv = tl.where(kn[None, :] == 0, 0.0, lv)
+        # keys past NK: e = 0 gives level 0 (or the smallest level without a zero level, times a zero row of V)
         v_ptrs = v_base + kn[:, None] * sv_n + offs_d[None, :] * sv_d
-        v = tl.load(v_ptrs, mask=(kn[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+        if EVEN_N:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=(kn[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
         if F32:
             acc += tl.dot(lv.to(v.dtype), v, input_precision="tf32x3")
         else:
