@@ -117,6 +117,13 @@ def unsupported_reason(query: Tensor, key: Tensor, value: Tensor, mask: Tensor |
     return None
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: switch only when the tensors live on another one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _keep_start(spec: ProbQuantSpec, num_keys: int) -> bool:
     return spec.quantizer is not None and spec.keep_start and num_keys > 1
 
@@ -193,10 +200,8 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
         raise ValueError(f"row_statistics cannot run the kernel: {reason}.")
     tk = _triton_module()
     b, h, nq, nk, d, block_d, bm, bn, warps, stages, grid = _launch_args(query, key, launch)
-    m = torch.empty(b, h, nq, dtype=torch.float32, device=query.device)
-    l_ = torch.empty_like(m)
-    pmax = torch.empty_like(m)
-    with torch.cuda.device(query.device) if query.device.type == "cuda" else contextlib.nullcontext():
+    m, l_, pmax = torch.empty(3, b, h, nq, dtype=torch.float32, device=query.device).unbind(0)  # one allocation
+    with _on_device(query.device):
         tk.row_stats_kernel[grid](
             query, key, m, l_, pmax, *query.stride(), *key.stride(), h, nq, nk, d,
             float(softmax_scale) * math.log2(math.e),
@@ -236,7 +241,7 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
     # comparison with the same Python float.
     out = torch.empty(b, nq, h, d, dtype=value.dtype, device=value.device).transpose(1, 2)
     probs = torch.empty(b, h, nq, nk, dtype=torch.float32, device=value.device) if return_probs else out
-    with torch.cuda.device(query.device) if query.device.type == "cuda" else contextlib.nullcontext():
+    with _on_device(query.device):
         tk.quant_attention_kernel[grid](
             query, key, value, out, m, l_, mult, probs,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
