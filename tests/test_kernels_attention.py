@@ -172,8 +172,9 @@ def test_processor_dispatch_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert proc.fused_unavailable(q, k, v, None) is None
     assert "mask" in proc.fused_unavailable(q, k, v, torch.zeros(1, 2, 4, 5))
-    proc.prob_quant.mode = "observe"
-    assert "observe" in proc.fused_unavailable(q, k, v, None)
+    for mode in ("observe", "observe_quant", "init", "off"):  # calibration modes: the max from row statistics
+        proc.prob_quant.mode = mode
+        assert proc.fused_unavailable(q, k, v, None) is None
     proc.prob_quant.mode = "quant"
     proc.record_attention = True
     assert "recording" in proc.fused_unavailable(q, k, v, None)
@@ -255,6 +256,56 @@ def test_kernel_under_triton_interpreter():
         assert r["flips"] <= FLIP_TOL and r["out_err"] <= tol and r["pmax_err"] < 1e-5 and r["m_err"] < 1e-4, r
         # output laid out as (B, Nq, heads, d): strides of a transposed contiguous tensor
         assert r["layout"] == [17 * 2 * 24, 24, 2 * 24, 1], r
+
+
+_INTERPRETER_PROCESSOR_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from diffusers.models.attention_processor import Attention
+    from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16).eval()
+    x, ctx = torch.randn(2, 20, 32), torch.randn(2, 9, 24)
+    out = []
+    for scale, modes in (("static", ["init", "init", "quant"]), ("per_prompt", ["observe", "observe_quant"])):
+        res = {}
+        for backend in ("reference", "fused"):
+            pq = ProbQuantizer("p", 6, scale=scale, keep_start=True)
+            proc = DGQAttnProcessor("a", "cross", None, prob_quant=pq, key_start_fp=True, backend=backend)
+            outs, paths = [], []
+            for mode in modes:
+                pq.mode = mode
+                with torch.no_grad():
+                    outs.append(proc(attn, x * (1 + len(outs)), ctx))
+                paths.append(proc.last_path)
+            res[backend] = (outs, paths, {i: float(v) for i, v in pq.static.items()}, pq.observed_max)
+        (ro, rp, rs, rm), (fo, fp, fs, fm) = res["reference"], res["fused"]
+        out.append(dict(scale=scale, paths=fp, ref_paths=rp,
+                        out_err=max(float((a - b).norm() / b.norm()) for a, b in zip(fo, ro)),
+                        static=[fs, rs], observed=[{str(k): v for k, v in fm.items()},
+                                                    {str(k): v for k, v in rm.items()}]))
+    print(json.dumps(out))
+""")
+
+
+def test_processor_calibration_modes_under_triton_interpreter():
+    """The fused path's observe / observe_quant / init modes record the same maxima as the reference and give
+    the same outputs (CPU, Triton interpreter, float32)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", _INTERPRETER_PROCESSOR_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    static, observe = json.loads(res.stdout.strip().splitlines()[-1])
+    assert static["paths"] == ["fused"] * 3 and static["ref_paths"] == ["reference"] * 3
+    fs, rs = static["static"]
+    assert list(fs) == list(rs) == ["0"] and fs["0"] == pytest.approx(rs["0"], rel=1e-5)  # set by the first call
+    assert observe["paths"] == ["sdpa", "fused"]
+    fm, rm = observe["observed"]
+    assert list(fm) == list(rm) == ["0"] and fm["0"] == pytest.approx(rm["0"], rel=1e-5)
+    assert static["out_err"] < 1e-5 and observe["out_err"] < 1e-5, (static, observe)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -212,13 +212,15 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
 
 def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: float, spec: ProbQuantSpec,
                     static_max: Tensor | float | None = None, *, return_probs: bool = False,
-                    launch: LaunchConfig | None = None):
+                    launch: LaunchConfig | None = None, row_stats: tuple[Tensor, Tensor, Tensor] | None = None):
     """``Q(softmax(query @ key^T * softmax_scale)) @ value`` for ``(B, heads, N, d)`` inputs (any strides).
 
     Returns ``(B, heads, Nq, d)`` in ``value``'s dtype, laid out as ``(B, Nq, heads, d)`` in memory (so the
     usual ``transpose(1, 2).reshape(B, Nq, heads * d)`` is free). ``return_probs=True`` (tests only: it writes
     the ``Nq x Nk`` tensor the kernel otherwise avoids) also returns the quantized probabilities as float32
-    ``(B, heads, Nq, Nk)``. ``launch`` overrides :func:`default_config` (benchmarks). Raises ``ValueError``
+    ``(B, heads, Nq, Nk)``. ``launch`` overrides :func:`default_config` (benchmarks). ``row_stats``: pass 1's
+    output, ``row_statistics(query, key, softmax_scale, spec.keep_start)``, when the caller already has it
+    (calibration reads the max from it). Raises ``ValueError``
     with the reason when :func:`unsupported_reason` objects.
     """
     if not isinstance(spec, ProbQuantSpec):
@@ -229,7 +231,9 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
     tk = _triton_module()
     b, h, nq, nk, d, block_d, bm, bn, warps, stages, grid = _launch_args(query, key, launch)
     keep_start = _keep_start(spec, nk)
-    m, l_, pmax = row_statistics(query, key, softmax_scale, keep_start, launch)
+    if row_stats is None:
+        row_stats = row_statistics(query, key, softmax_scale, keep_start, launch)
+    m, l_, pmax = row_stats
     mult = prob_multiplier(pmax, spec, static_max)
     if spec.quantizer == "log2":
         quant, level_min, level_max = tk.QUANT_LOG2, 2.0 ** -(2**spec.bits - 1), 1.0
