@@ -308,6 +308,40 @@ def test_processor_calibration_modes_under_triton_interpreter():
     assert static["out_err"] < 1e-5 and observe["out_err"] < 1e-5, (static, observe)
 
 
+_INTERPRETER_COMPILE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from diffusers.models.attention_processor import Attention
+    from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16).eval()
+    x, ctx = torch.randn(2, 20, 32), torch.randn(2, 9, 24)
+    pq = ProbQuantizer("p", 6, scale="static", keep_start=True)
+    pq.mode, pq.static = "quant", {0: torch.tensor(0.3)}
+    proc = DGQAttnProcessor("a", "cross", None, prob_quant=pq, key_start_fp=True, backend="fused")
+    f = lambda x, ctx: proc(attn, x, ctx)
+    with torch.no_grad():
+        eager = f(x, ctx)
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, ctx)  # fullgraph: a break raises
+    assert proc.last_path == "fused", proc.last_path
+    assert torch.equal(compiled, eager), (compiled - eager).abs().max()
+    print("ok")
+""")
+
+
+@pytest.mark.slow  # ~10 s (dynamo + AOT tracing, Triton interpreter)
+def test_fused_processor_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the fused processor: the kernel is the registered op
+    dgq::quant_attention (opaque, with a fake implementation); CPU, Triton interpreter, aot_eager backend."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", _INTERPRETER_COMPILE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------

@@ -210,6 +210,21 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
     return m, l_, pmax
 
 
+@torch.library.custom_op("dgq::quant_attention", mutates_args=())
+def _quant_attention_op(query: Tensor, key: Tensor, value: Tensor, softmax_scale: float, quantizer: str, bits: int,
+                        scale: str, keep_start: bool, zero_level: bool, static_max: Tensor | None) -> Tensor:
+    """:func:`quant_attention` as a registered op: opaque to ``torch.compile`` (no graph break, no tracing into
+    the Triton launches); its fake implementation gives the output's shape, dtype and strides."""
+    spec = ProbQuantSpec(None if quantizer == "none" else quantizer, bits, scale, keep_start, zero_level)
+    return quant_attention(query, key, value, softmax_scale, spec, static_max)
+
+
+@_quant_attention_op.register_fake
+def _(query, key, value, softmax_scale, quantizer, bits, scale, keep_start, zero_level, static_max):
+    b, h, nq, d = query.shape
+    return query.new_empty((b, nq, h, d), dtype=value.dtype).transpose(1, 2)
+
+
 def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: float, spec: ProbQuantSpec,
                     static_max: Tensor | float | None = None, *, return_probs: bool = False,
                     launch: LaunchConfig | None = None, row_stats: tuple[Tensor, Tensor, Tensor] | None = None):
@@ -218,13 +233,19 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
     Returns ``(B, heads, Nq, d)`` in ``value``'s dtype, laid out as ``(B, Nq, heads, d)`` in memory (so the
     usual ``transpose(1, 2).reshape(B, Nq, heads * d)`` is free). ``return_probs=True`` (tests only: it writes
     the ``Nq x Nk`` tensor the kernel otherwise avoids) also returns the quantized probabilities as float32
-    ``(B, heads, Nq, Nk)``. ``launch`` overrides :func:`default_config` (benchmarks). ``row_stats``: pass 1's
+    ``(B, heads, Nq, Nk)``. Under ``torch.compile`` the plain call goes through the registered op
+    ``torch.ops.dgq.quant_attention`` (opaque to the compiler). ``launch`` overrides :func:`default_config` (benchmarks). ``row_stats``: pass 1's
     output, ``row_statistics(query, key, softmax_scale, spec.keep_start)``, when the caller already has it
     (calibration reads the max from it). Raises ``ValueError``
     with the reason when :func:`unsupported_reason` objects.
     """
     if not isinstance(spec, ProbQuantSpec):
         raise TypeError(f"quant_attention: spec must be a ProbQuantSpec; got {type(spec).__name__}.")
+    if torch.compiler.is_compiling() and not return_probs and launch is None and row_stats is None:
+        static = None if static_max is None else torch.as_tensor(static_max, dtype=torch.float32,
+                                                                 device=query.device)
+        return _quant_attention_op(query, key, value, float(softmax_scale), spec.quantizer or "none", spec.bits,
+                                   spec.scale, spec.keep_start, spec.zero_level, static)
     reason = unsupported_reason(query, key, value)
     if reason is not None:
         raise ValueError(f"quant_attention cannot run the kernel: {reason}; use the reference processor.")
