@@ -11,7 +11,8 @@ Two launches per attention call, neither of which writes an ``Nq x Nk`` tensor:
   accumulates ``levels @ V`` in float32 (the levels cast to V's dtype first, as the reference does), multiplies
   by the multiplier once at the end and adds the FP ``p_0 v_0`` term.
 
-The blockwise recomputation with an online max/normaliser is the flash-attention technique (Dao et al. 2022;
+Float32 inputs use 3xTF32 tensor-core products (about float32 accuracy; the IEEE FMA product spilled heavily);
+fp16/bf16 products are exact in the float32 accumulator. The blockwise recomputation with an online max/normaliser is the flash-attention technique (Dao et al. 2022;
 the Triton fused-attention tutorial); it is hand-written here because no library kernel exposes the
 probabilities between the softmax and ``P V``, which is exactly where the quantizer has to sit.
 """
