@@ -19,8 +19,8 @@ Where data and outputs live: :mod:`dgq_utils.paths` (``DGQ_DATA_DIR`` / ``DGQ_OU
 
 Names are imported lazily (PEP 562), so ``import dgq_utils`` stays cheap -- worker processes that only need
 :mod:`dgq_utils.core.kmeans` never import torch or diffusers. The stage subpackages: :mod:`.config`,
-:mod:`.core`, :mod:`.model`, :mod:`.calibrate`, :mod:`.quantize`, :mod:`.generate`, :mod:`.evaluate`,
-:mod:`.report`, :mod:`.world` (the embedded model's synthetic world) and :mod:`.testing`.
+:mod:`.core`, :mod:`.kernels` (GPU kernels with plain-torch references), :mod:`.model`, :mod:`.calibrate`,
+:mod:`.quantize`, :mod:`.generate`, :mod:`.evaluate`, :mod:`.report`, :mod:`.world` (the embedded model's synthetic world) and :mod:`.testing`.
 """
 from __future__ import annotations
 
