@@ -59,6 +59,7 @@ from dgq_utils.generate.images import (
     generate_images,
 )
 from dgq_utils.model.identity import model_identity
+from dgq_utils.model.loading import load_pipeline
 from dgq_utils.quantize.pipeline import dequantize_pipeline, is_quantized
 
 __all__ = ["DEFAULT_METRICS", "DEFAULT_RECIPES", "ComparisonResult", "Reference", "run_comparison"]
@@ -270,8 +271,6 @@ def _fresh_pipe_source(model: Any, device: str) -> Callable[[], Any] | None:
         return model
 
     def load():
-        from dgq_utils.model.loading import load_pipeline  # only when the model is given by id / path
-
         return load_pipeline(model, device=device)
 
     return load

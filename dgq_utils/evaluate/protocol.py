@@ -44,7 +44,14 @@ from dgq_utils.atomic import atomic_write_json
 from dgq_utils.config import SamplerSettings
 from dgq_utils.evaluate import metrics as M
 from dgq_utils.evaluate.compare import ComparisonResult, run_comparison
-from dgq_utils.evaluate.config import BootstrapConfig, EvaluationSet, MetricsConfig, Reference, Workspace
+from dgq_utils.evaluate.config import (
+    BootstrapConfig,
+    EvaluationSet,
+    MetricsConfig,
+    Reference,
+    Workspace,
+)
+from dgq_utils.model.loading import load_pipeline
 from dgq_utils.quantize.cache import StateCache
 
 PAPER_N_IMAGES = 30_000
@@ -217,8 +224,6 @@ def run_paper_protocol(
         calib = calibration_captions(prompts, source=files.calibration_captions,
                                      pool=list(caps["caption"].iloc[n_images:]), n=protocol.n_calibration, seed=seed)
     if pipe_factory is None:
-        from dgq_utils.model.loading import load_pipeline
-
         if files.model_path is None:
             raise ValueError("ProtocolFiles.model_path is required (a local SD v1.4 diffusers folder) unless "
                              "pipe_factory is given")

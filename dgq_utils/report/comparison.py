@@ -30,8 +30,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from dgq_utils.config import get_preset
 from dgq_utils.evaluate import metrics as M
+from dgq_utils.evaluate.confidence import paired_difference
 from dgq_utils.evaluate.config import MetricsConfig
+from dgq_utils.evaluate.results import report_view
 from dgq_utils.report.context import ModelContext
 from dgq_utils.world.comparison import embedded_metrics
 
@@ -78,8 +81,6 @@ def comparison_setup(ctx: ModelContext, metrics: Sequence[str] | None = None, *,
 def ablation_recipes(base: str = "dgq-w8a6") -> list:
     """DGQ with one component switched off at a time (each a named recipe), plus MixDQ's BOS-aware variant and
     the official-code variant of ``base``. Order: the full method first."""
-    from dgq_utils.config import get_preset
-
     r = get_preset(base)
     tag = base[len("dgq-"):] if base.startswith("dgq-") else base
     variants = [
@@ -124,8 +125,6 @@ def paired_vs(per_image: dict[str, pd.DataFrame], reference: str, metrics: Seque
               seed: int = 0) -> pd.DataFrame:
     """Paired bootstrap difference ``recipe - reference`` per metric on the same prompts and seeds, from
     :func:`run_comparison`'s per-image tables (rows aligned by prompt index and seed)."""
-    from dgq_utils.evaluate.confidence import paired_difference
-
     ref = per_image[reference]
     rows = []
     for name, df in per_image.items():
@@ -149,8 +148,6 @@ def paired_vs(per_image: dict[str, pd.DataFrame], reference: str, metrics: Seque
 def wide_table(table: pd.DataFrame, metrics: Sequence[str], recipes: Sequence[str] | None = None,
                digits: int = 4) -> pd.DataFrame:
     """Recipe x metric table with cells ``value [lo, hi]`` (a thin wrapper of :func:`results.report_view`)."""
-    from dgq_utils.evaluate.results import report_view
-
     t = table[table["metric"].isin(metrics)]
     return report_view(t, digits=digits, recipe_order=list(recipes) if recipes else None, metric_order=list(metrics))
 

@@ -11,8 +11,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dgq_utils.generate.images import model_fingerprint
+from dgq_utils.model.loading import EMBEDDED_DIR, load_pipeline, resolve_model_path
 from dgq_utils.quantize.cache import StateCache
 from dgq_utils.report.folders import ROOT, WORK_ROOT, short_hash
+from dgq_utils.testing.tiny import build_tiny_pipeline
+from dgq_utils.world.comparison import embedded_calibration_prompts, embedded_prompts
 
 __all__ = [
     "ModelContext",
@@ -107,8 +111,6 @@ class ModelContext:
             raise ValueError(f"n must be >= 1; got {n}")
         if self.kind == "tiny":
             return tiny_prompts(n, seed=seed)
-        from dgq_utils.world.comparison import embedded_prompts
-
         prompts, _ = embedded_prompts(n, seed=seed)
         n_held = int(round(n * 0.25))
         n_two = int(round((n - n_held) * 0.5))
@@ -124,8 +126,6 @@ class ModelContext:
             if len(out) < n:
                 raise ValueError(f"not enough tiny calibration prompts disjoint from the evaluation prompts ({n})")
             return out
-        from dgq_utils.world.comparison import embedded_calibration_prompts
-
         return embedded_calibration_prompts(n, exclude=exclude, seed=seed)
 
     def work_dir(self, *parts: str) -> Path:
@@ -161,13 +161,8 @@ def open_model(model_id: str | os.PathLike | None = None, *, device: str = "cpu"
         threads = 1
     if threads is not None:
         torch.set_num_threads(int(threads))
-    from dgq_utils.model.loading import EMBEDDED_DIR, load_pipeline, resolve_model_path
-
     work_root = Path(work_root) if work_root is not None else WORK_ROOT
     if model_id is not None and str(model_id) == "tiny":
-        from dgq_utils.generate.images import model_fingerprint
-        from dgq_utils.testing.tiny import build_tiny_pipeline
-
         pipe = build_tiny_pipeline(seed=0, scheduler="pndm").to(device)
         return ModelContext("tiny", "tiny", device, pipe, "tiny-" + model_fingerprint(pipe).split(":")[-1][:12],
                             None, work_root)

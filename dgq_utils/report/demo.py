@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dgq_utils.atomic import atomic_save_image
 from dgq_utils.config import get_preset
+from dgq_utils.model.loading import load_pipeline
 from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
+from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
+from dgq_utils.world.scenes import captions, sample_scenes
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +54,6 @@ def demo_recipes() -> list:
 
 def load_demo_pipeline(model: str | None = None):
     """``(pipe, description, default_prompts)``: --model, else the embedded model, else the tiny pipeline."""
-    from dgq_utils.model.loading import load_pipeline
-
     if model is not None:
         return load_pipeline(model), f"model {model}", GENERIC_PROMPTS
     try:
@@ -59,16 +61,12 @@ def load_demo_pipeline(model: str | None = None):
         return pipe, "embedded model", _world_prompts() or GENERIC_PROMPTS
     except FileNotFoundError as err:  # embedded weights not there (yet)
         logger.warning("embedded model unavailable (%s); using the tiny random pipeline", err)
-    from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
-
     return build_tiny_pipeline(), "tiny random-weight pipeline", TINY_PROMPTS
 
 
 def _world_prompts(n: int = 8) -> list[str] | None:
     """Captions of the synthetic world the embedded model was trained on (None if unavailable)."""
     try:
-        from dgq_utils.world.scenes import captions, sample_scenes
-
         return list(captions(sample_scenes(n, split="test", seed=0)))
     except Exception:  # noqa: BLE001 - optional nicety; fall back to generic prompts
         return None
@@ -109,8 +107,6 @@ def make_grid(rows: list[np.ndarray], labels: list[str], prompts: list[str], cel
 def run_demo(out: str | Path = "figures/demo_grid.png", model: str | None = None, steps: int | None = None,
              n_prompts: int = 4, seed: int = 0, calibration_prompts: int = 8, progress: bool = True) -> Path:
     """Quantize with each demo recipe, generate the same prompts/seeds, and save the labelled grid."""
-    from dgq_utils.atomic import atomic_save_image
-
     pipe, desc, default_prompts = load_demo_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     tiny = desc.startswith("tiny")

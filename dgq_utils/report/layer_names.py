@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from dgq_utils.config import get_preset
+
 __all__ = [
     "block_of",
     "unet_rank",
@@ -49,8 +51,6 @@ def quantized_inputs(names: Iterable[str], recipe: str = "dgq-w8a6") -> list[str
     """``names`` without the modules a recipe keeps in FP (``skip_layers``: ``conv_in``, ``conv_out``; an
     attention's ``.q/.k/.v`` follow their attention module)."""
     import fnmatch
-
-    from dgq_utils.config import get_preset
 
     pats = get_preset(recipe).skip_layers
     out = []

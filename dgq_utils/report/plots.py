@@ -20,6 +20,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from dgq_utils.report.layer_names import unet_rank
+from dgq_utils.report.prose import prompt_length
+
 __all__ = [
     "set_style", "save", "outlier_scatter", "range_over_timesteps", "layer_ranges", "heavy_tail",
     "axis_decisions", "kmeans_groups", "error_vs_groups", "start_sink", "prob_histograms", "prob_error",
@@ -79,8 +82,6 @@ def _finish(fig, path):
 
 
 def _block_order(blocks) -> list[str]:
-    from dgq_utils.report.layer_names import unet_rank
-
     return sorted(dict.fromkeys(blocks), key=unet_rank)
 
 
@@ -572,8 +573,6 @@ def attention_explorer(cap, *, default_layer: str | None = None, default_timeste
     key receives (:func:`attention_example`) from an :class:`~dgq_utils.report.AttentionCapture`."""
     import ipywidgets as W
     from IPython.display import display
-
-    from dgq_utils.report.prose import prompt_length
 
     layers = list(cap.kinds)
     layer = W.Dropdown(options=layers, value=default_layer or layers[0], description="layer",

@@ -29,6 +29,7 @@ from dgq_utils.evaluate.config import (
     Reference,
     Workspace,
 )
+from dgq_utils.model.loading import load_pipeline
 from dgq_utils.world import scenes as W
 from dgq_utils.world.clip import load_world_clip
 from dgq_utils.world.evaluator import AttributeEvaluator
@@ -217,8 +218,6 @@ def run_embedded_comparison(
     prompts, _ = embedded_prompts(n_prompts, seed=seed)
     calib = embedded_calibration_prompts(n_calibration, exclude=prompts, seed=seed)
     if model is None:
-        from dgq_utils.model.loading import load_pipeline
-
         pipe_dir = dirs["pipeline"] if embedded_dir is not None else None
         model = lambda: load_pipeline(pipe_dir, device=device)  # noqa: E731
     cfg = embedded_metrics(metrics, embedded_dir=embedded_dir, n_reference=n_reference, seed=seed, device=device)

@@ -17,6 +17,7 @@ import torch
 
 from dgq_utils import paths
 from dgq_utils.evaluate.metrics import register_extractor, register_lazy_extractor
+from dgq_utils.world.evaluator import AttributeEvaluator, images_to_tensor, is_logits
 
 NAME = "dgq-world-evaluator"
 #: the name under which the engine's metrics know this extractor (the same as torch-fidelity's)
@@ -26,12 +27,6 @@ DEFAULT_EVALUATOR_DIR = paths.embedded_dir() / "evaluator"
 
 def _extractor_class():
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    from dgq_utils.world.evaluator import (
-        AttributeEvaluator,
-        images_to_tensor,
-        is_logits,
-    )
 
     class WorldEvaluatorFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):

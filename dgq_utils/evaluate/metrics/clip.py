@@ -12,7 +12,6 @@ import torch
 from dgq_utils.evaluate.confidence import CI, bootstrap_mean
 from dgq_utils.evaluate.metrics.images import load_images, to_pil
 
-
 CLIP_CONVENTIONS = ("cosine", "torchmetrics")
 
 

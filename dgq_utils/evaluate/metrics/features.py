@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from dgq_utils.atomic import atomic_save_npz
-from dgq_utils.keys import stable_hash
 from dgq_utils.evaluate.metrics.images import ImageDataset, load_images, paths_from
+from dgq_utils.keys import stable_hash
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
