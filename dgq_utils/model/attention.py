@@ -35,6 +35,11 @@ What gets quantized (each part optional; see ``config.AttentionQuantConfig``)
   the max and passed through **bit-exactly** in FP; the remaining columns are quantized. Nothing renormalises
   the rows afterwards (official).
 
+Record hook: ``processor.record = fn`` calls ``fn(processor, probs, query, key, value)`` on every call with the
+float32 probabilities (before any probability quantizer) and the head-split Q/K/V (after their quantizers), and
+makes the processor take the reference path (the one that materialises them); :class:`dgq_utils.calibrate.trace.
+Trace` uses it for the notebooks' attention captures and the embedded world's phenomena check.
+
 Statistics mode: ``processor.record_attention = True`` folds every call's probabilities into
 :class:`~dgq_utils.core.stats.AttentionStats` per timestep set (mass on key 0 per head, maxima, log2 histograms);
 ``collect_activation_stats`` uses it for notebook 03.
@@ -316,6 +321,10 @@ class DGQAttnProcessor(nn.Module):
         self.enabled = True
         self.record_attention = False
         self.attention_stats: dict[int, AttentionStats] = {}
+        #: record hook ``record(processor, probs, query, key, value)`` (or ``None``): called on every call with
+        #: the float32 probabilities and the head-split Q/K/V of the reference path; while it is set, the
+        #: reference (materialising) path runs, so what is recorded is what the reference computes
+        self.record = None
 
     @property
     def original(self):
@@ -395,7 +404,8 @@ class DGQAttnProcessor(nn.Module):
         return torch.cat(outs, dim=0)
 
     def _attend_chunk(self, attn, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
-        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        if self.record is not None or (
+                torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
             return self._attend_chunk_reference(attn, query, key, value, mask)
         b, h, nq, _ = query.shape
         nk = key.shape[2]
@@ -424,6 +434,8 @@ class DGQAttnProcessor(nn.Module):
             scores = scores + mask.float()
         probs = scores.softmax(dim=-1)
         del scores
+        if self.record is not None:
+            self.record(self, probs, query, key, value)
         if self.record_attention:
             self._record(probs)
         if self.prob_quant is not None:

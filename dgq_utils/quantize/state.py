@@ -13,7 +13,6 @@ import torch
 
 from dgq_utils.atomic import atomic_write_bytes
 from dgq_utils.config import QuantRecipe
-from dgq_utils.model.layers import ActQuantizer
 from dgq_utils.quantize.pipeline import (
     QuantizationReport,
     QuantState,
@@ -36,13 +35,6 @@ FORMAT = "dgq-quant-state/1"
 # ----------------------------------------------------------------------------------------------------------
 # save / load
 # ----------------------------------------------------------------------------------------------------------
-def _act_quantizers(qs: QuantState) -> list[ActQuantizer]:
-    out = [layer.act for layer in qs.layers.values() if layer.act is not None]
-    for proc in qs.processors.values():
-        out += [q for role, q in proc.quantizers().items() if role != "prob"]
-    return out
-
-
 def save_quant_state(pipe, path: str | os.PathLike) -> Path:
     """Write the calibrated quantization state of ``pipe`` to ONE ``.safetensors`` file (atomically).
 
@@ -66,7 +58,7 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
             put(f"{name}.weight.scale", layer.weight_scale)
             put(f"{name}.weight.zero_point", layer.weight_zp)
     quant_meta = {}
-    for q in _act_quantizers(qs):
+    for q in qs.act_quantizers():
         sets = {}
         for i, (scale, zp) in sorted(q.params.items()):
             put(f"{q.name}.set{i}.scale", scale)
@@ -140,7 +132,7 @@ def load_quant_state(pipe, path: str | os.PathLike, *, on_timestep_mismatch: str
                     layer.quantize_weight(scale=tensors[f"{name}.weight.scale"],
                                           zero_point=tensors[f"{name}.weight.zero_point"],
                                           bits=recipe.weights.bits, symmetric=recipe.weights.symmetric)
-            for q in _act_quantizers(qs):
+            for q in qs.act_quantizers():
                 sets = quant_meta.get(q.name)
                 if sets is None:
                     raise ValueError(f"{str(path)!r} has no parameters for quantizer {q.name!r}.")
