@@ -70,7 +70,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dgq_utils.core.quantizers import SCALE_FLOOR, fake_quant_log2, fake_quant_uniform
+from dgq_utils.core.quantizers import PROB_QUANTIZERS
 from dgq_utils.core.stats import AttentionStats
 from dgq_utils.model.timesteps import TimestepState
 
@@ -78,10 +78,6 @@ __all__ = ["DGQAttnProcessor", "ProbQuantizer", "release_workspace", "attention_
 
 _WORKSPACE: dict[torch.device, Tensor] = {}
 _INPLACE_SOFTMAX_OK: dict[str, bool] = {}  # device type -> the in-place ATen softmax was checked and is exact
-# sqrt(2) = 1.0110101000001001111001100110011... in binary: its 23-bit mantissa lies strictly between 0x3504F3 and
-# 0x3504F4, so "mantissa >= sqrt(2)" is "mantissa bits >= 0x3504F4", i.e. adding 0x800000 - 0x3504F4 carries.
-_SQRT2_CARRY = 0x800000 - 0x3504F4
-_EXPONENT_MASK = 0x7F800000
 
 
 def _workspace(numel: int, device: torch.device) -> Tensor:
@@ -175,8 +171,7 @@ class ProbQuantizer(nn.Module):
     def __init__(self, name: str, bits: int, *, quantizer: str = "log2", scale: str = "per_prompt",
                  keep_start: bool = False, zero_level: bool = True, state: TimestepState | None = None):
         super().__init__()
-        if quantizer not in ("log2", "uniform"):
-            raise ValueError(f"probability quantizer must be 'log2' or 'uniform'; got {quantizer!r}.")
+        self.impl = PROB_QUANTIZERS.lookup(quantizer)  # how: the registered reference and in-place kernels
         if scale not in ("per_prompt", "batch", "static"):
             raise ValueError(f"probability scale must be 'per_prompt', 'batch' or 'static'; got {scale!r}.")
         self.name = name
@@ -257,23 +252,8 @@ class ProbQuantizer(nn.Module):
         """
         m = self.max_of(p)
         start = p[..., :1].clone() if self.keep_start and p.shape[-1] > 1 else None
-        if self.quantizer == "log2":
-            emax = 2**self.bits - 1
-            p.div_(m)
-            bits = p.view(torch.int32)
-            bits.add_(_SQRT2_CARRY)  # carry into the exponent iff mantissa >= sqrt(2): exact log-domain rounding
-            bits.bitwise_and_(_EXPONENT_MASK)  # -> 2^round(log2 r)  (r >= 0)
-            smallest = 2.0**-emax  # 0.0 in float32 for emax > 149
-            if self.zero_level:
-                torch.nn.functional.threshold_(p, smallest, 0.0)  # the exponent code 2^b - 1 means zero
-            else:
-                p.clamp_min_(smallest)
-            if self.scale_mode == "static":  # dynamic maxima give r <= 1 already (column 0 is overwritten)
-                p.clamp_max_(1.0)
-            mult = m
-        else:
-            mult = (m / (2**self.bits - 1)).clamp_min(SCALE_FLOOR)
-            p.div_(mult).round_().clamp_(0, 2**self.bits - 1)
+        # a static max can be exceeded; dynamic maxima give r <= 1 already (column 0 is overwritten)
+        mult = self.impl.levels_(p, m, self.bits, zero_level=self.zero_level, clamp_max=self.scale_mode == "static")
         if start is not None:
             p[..., :1] = 0.0
         return p, mult, start
@@ -281,11 +261,7 @@ class ProbQuantizer(nn.Module):
     def quantize(self, p: Tensor) -> Tensor:
         """Reference (allocating, autograd-friendly) quantization with :mod:`dgq_utils.core.quantizers`."""
         m = self.max_of(p)
-        if self.quantizer == "log2":
-            out = fake_quant_log2(p, m, self.bits, zero_level=self.zero_level)
-        else:
-            step = (m / (2**self.bits - 1)).clamp_min(SCALE_FLOOR)
-            out = fake_quant_uniform(p, step, 0.0, self.bits)
+        out = self.impl.fake_quant(p, m, self.bits, zero_level=self.zero_level)
         if self.keep_start:
             out[..., :1] = p[..., :1]  # <start> column passes through bit-exactly
         return out
