@@ -49,6 +49,12 @@ class Registry(Mapping[str, T], Generic[T]):
 
         return add(entry) if entry is not None else add
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (a plug-in that is unloaded, a test that registered a method); returns its entry."""
+        if name not in self._entries:
+            raise KeyError(f"{self.what} {name!r} is not registered.")
+        return self._entries.pop(name)
+
     def lookup(self, name: str) -> T:
         """The implementation registered as ``name``, or a ``ValueError`` naming the valid ones."""
         try:
