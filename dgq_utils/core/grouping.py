@@ -44,6 +44,7 @@ last dim vs dim 1, i.e. swapped relative to Linear layers) lives in the integrat
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -318,8 +319,6 @@ PARALLEL_MIN_FITS = 64
 def kmeans_workers(n_jobs: int | None = None) -> int:
     """Worker processes for :func:`assign_groups_many`: ``n_jobs`` if given, else the ``DGQ_KMEANS_JOBS``
     environment variable, else the CPUs this process may use."""
-    import os
-
     if n_jobs is None:
         env = os.environ.get("DGQ_KMEANS_JOBS", "").strip()
         if env:

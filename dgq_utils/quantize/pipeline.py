@@ -356,7 +356,7 @@ def quantize_pipeline(
 
 
 def build_report(qs: QuantState, seconds: float) -> QuantizationReport:
-    import pandas as pd
+    import pandas as pd  # the report's tables only: keeps the quantization floor's import free of pandas
 
     recipe = qs.recipe
     act_bits = recipe.activations.bits if recipe.activations is not None else 32

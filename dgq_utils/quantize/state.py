@@ -10,6 +10,8 @@ from itertools import zip_longest
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from dgq_utils.atomic import atomic_write_bytes
 from dgq_utils.config import QuantRecipe
@@ -45,8 +47,6 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
     ``quantizers`` (per set: axis, K, n, source), ``calibration`` (steps, sampler and its config, timesteps, seed,
     prompts count, guidance, resolution), ``skipped``. The FP weights are *not* stored: load onto the same model.
     """
-    from safetensors.torch import save
-
     qs = require_state(pipe)
     tensors: dict[str, torch.Tensor] = {}
 
@@ -105,8 +105,6 @@ def load_quant_state(pipe, path: str | os.PathLike, *, on_timestep_mismatch: str
     is named in the ``ValueError``) and the same weights as the calibrated one (weights are re-quantized from the
     stored scales / zero points, so identical FP weights give identical images).
     """
-    from safetensors import safe_open
-
     if is_quantized(pipe):
         raise RuntimeError("This pipeline is already quantized; call dequantize_pipeline(pipe) first.")
     path = Path(path)
