@@ -4,10 +4,11 @@ Two users:
 
 * **Calibration** (``layers.ActQuantizer`` in ``"observe"`` mode) keeps one :class:`TensorStats` per parameter set
   and turns it into quantizer parameters.
-* **Analysis** -- :func:`collect_activation_stats` runs prompts through an *unquantized* pipeline with forward
-  pre-hooks on every ``nn.Linear`` / ``nn.Conv2d`` of the UNet (their *inputs* are what DGQ quantizes), the Q/K/V
-  of every attention and the attention probabilities, and returns an :class:`ActivationStats` whose methods give
-  pandas DataFrames.
+* **Analysis** -- :func:`collect_activation_stats` runs prompts through an *unquantized* pipeline with the trace
+  harness (:class:`dgq_utils.calibrate.trace.Trace`): hooks on the input of every ``nn.Linear`` / ``nn.Conv2d`` of
+  the UNet (their *inputs* are what DGQ quantizes), observers of the Q/K/V of every attention and its
+  probabilities (a :class:`~dgq_utils.model.attention.DGQAttnProcessor` in statistics mode), and returns an
+  :class:`ActivationStats` whose methods give pandas DataFrames.
 
 Axes (what "channel" and "pixel" mean for each input; see ``shared/dgq-official-code.md`` section 1.3)
 ----------------------------------------------------------------------------------------------------
