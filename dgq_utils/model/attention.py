@@ -435,6 +435,8 @@ class DGQAttnProcessor(nn.Module):
             return "autograd is active"
         if self.record_attention:
             return "recording attention statistics"
+        if self.record is not None:
+            return "record hook set"
         pq = self.prob_quant
         if pq is not None and pq.mode not in ("off", "quant", "observe", "observe_quant", "init"):
             return f"probability quantizer in mode {pq.mode!r}"
