@@ -42,6 +42,12 @@ OUTSIDE = ("world", "testing")  # may import the engine; the engine never import
 
 # ---- known violations, owned by the public-API change (evaluate/, report/, world coupling, caches) ----------
 # (source module, target module): an import made inside a function
+#: package modules that need an optional third-party package and are therefore imported where they are used, with a
+#: fallback when the package is missing (not a cycle dodge; these stay)
+OPTIONAL_BACKENDS = {
+    ("dgq_utils.kernels.quant_attention", "dgq_utils.kernels.triton_attention"),  # needs Triton (absent on some CPUs)
+}
+
 KNOWN_FUNCTION_LEVEL = {
     # evaluate/compare.py: the embedded comparison reaches into the world and the loader lazily
     ("dgq_utils.evaluate.compare", "dgq_utils.evaluate.results"),
@@ -145,6 +151,7 @@ def test_no_package_imports_inside_functions(graph):
     violation); optional heavy third-party imports inside functions are fine and not checked here."""
     files, records = graph
     found = {(r.source, r.target) for r in records if r.in_function}
+    found -= OPTIONAL_BACKENDS
     new = sorted(found - KNOWN_FUNCTION_LEVEL)
     assert not new, "dgq_utils imports inside functions:\n" + "\n".join(
         f"  {r}" for r in records if r.in_function and (r.source, r.target) in set(new))
