@@ -99,10 +99,8 @@ class StateCache:
                 if is_quantized(pipe):
                     dequantize_pipeline(pipe)
                 path.unlink(missing_ok=True)
-        quantize_pipeline(pipe, _recipe(recipe), list(calibration_prompts),
-                          num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale,
-                          height=sampler.height, width=sampler.width, seed=seed, batch_size=sampler.batch_size,
-                          progress=progress, **self.options)
+        quantize_pipeline(pipe, _recipe(recipe), list(calibration_prompts), sampler, seed, progress=progress,
+                          **self.options)
         save_quant_state(pipe, path)  # atomic: an interrupted run leaves no half-written state
         self.calibrated.append(path.name)
         return path

@@ -26,7 +26,7 @@ DEFAULT_EVALUATOR_DIR = paths.embedded_dir() / "evaluator"
 
 
 def _extractor_class():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase  # optional dependency, used here only
 
     class WorldEvaluatorFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
