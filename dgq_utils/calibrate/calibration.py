@@ -49,7 +49,9 @@ import time
 
 import torch
 
-from dgq_utils.calibrate.trace import check_prompts, run_prompts
+from dgq_utils.calibrate.trace import run_prompts
+from dgq_utils.config.validation import check_prompts, check_sampling
+from dgq_utils.model.tokenizer import warn_unknown_words
 from dgq_utils.core.grouping import (
     AxisStats,
     assign_groups_many,
@@ -124,6 +126,9 @@ def calibrate(
     from tqdm.auto import tqdm
 
     prompts = check_prompts(prompts)
+    check_sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                   batch_size=batch_size, height=height, width=width)
+    warn_unknown_words(pipe, prompts, "calibration prompts")
     recipe = qstate.recipe
     act_cfg = recipe.activations
     upstream = act_cfg.calibration_upstream if act_cfg is not None else "fp"

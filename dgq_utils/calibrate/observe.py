@@ -51,7 +51,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from dgq_utils.calibrate.trace import check_prompts, run_prompts
+from dgq_utils.calibrate.trace import run_prompts
+from dgq_utils.config.validation import check_prompts, check_sampling
+from dgq_utils.model.tokenizer import warn_unknown_words
 from dgq_utils.core.grouping import AxisStats
 from dgq_utils.core.stats import (
     LOG2_HIST_EDGES,
@@ -249,6 +251,9 @@ def collect_activation_stats(
     from dgq_utils.model.timesteps import TimestepController
 
     prompts = check_prompts(prompts)
+    check_sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                   batch_size=batch_size, height=height, width=width)
+    warn_unknown_words(pipe, prompts)
     if conv_layout not in ("tensor", "unfold"):
         raise ValueError(f"conv_layout must be 'tensor' or 'unfold'; got {conv_layout!r}.")
     if getattr(pipe.unet, "_dgq_state", None) is not None:

@@ -48,9 +48,10 @@ from torch import nn
 
 from dgq_utils.calibrate.calibration import calibrate, needs_calibration
 from dgq_utils.config import QuantRecipe, get_preset
+from dgq_utils.config.validation import check_choice, check_prompts, check_sampling
 from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer
 from dgq_utils.model.layers import ActQuantizer, QuantConv2d, QuantLinear
-from dgq_utils.model.timesteps import TimestepController, TimestepState, mapping_for
+from dgq_utils.model.timesteps import MISMATCH_POLICIES, TimestepController, TimestepState, mapping_for
 
 __all__ = [
     "QuantState",
@@ -174,10 +175,10 @@ def is_quantized(pipe) -> bool:
 
 
 def set_timestep_mismatch_policy(pipe, policy: str) -> None:
-    """``"error"`` (default) or ``"nearest"``: what happens when a UNet call's ``t`` is not the calibrated one."""
+    """``"error"`` (default), ``"nearest"`` or ``"strict"``: what happens when a UNet call's ``t`` is not the
+    calibrated one (see :mod:`dgq_utils.model.timesteps`)."""
     qs = require_state(pipe)
-    if policy not in ("error", "nearest"):
-        raise ValueError(f"policy must be 'error' or 'nearest'; got {policy!r}.")
+    check_choice(policy, "policy", MISMATCH_POLICIES)
     qs.controller.on_mismatch = policy
 
 
@@ -324,9 +325,10 @@ def quantize_pipeline(
         raise RuntimeError("This pipeline is already quantized; call dequantize_pipeline(pipe) first.")
     calib = needs_calibration(recipe)
     if calib:
-        from dgq_utils.calibrate.trace import check_prompts
-
-        calibration_prompts = check_prompts(calibration_prompts)
+        calibration_prompts = check_prompts(calibration_prompts, "calibration_prompts")
+    check_sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                   batch_size=batch_size, height=height, width=width)
+    check_choice(on_timestep_mismatch, "on_timestep_mismatch", MISMATCH_POLICIES)
     t0 = time.perf_counter()
     try:
         with torch.no_grad():

@@ -29,7 +29,8 @@ import torch
 from dgq_utils.atomic import atomic_write_bytes
 from dgq_utils.config import QuantRecipe
 from dgq_utils.model.layers import ActQuantizer
-from dgq_utils.model.timesteps import mapping_for
+from dgq_utils.config.validation import check_choice
+from dgq_utils.model.timesteps import MISMATCH_POLICIES, mapping_for
 from dgq_utils.quantize.pipeline import (
     QuantizationReport,
     QuantState,
@@ -337,6 +338,7 @@ def load_quant_state(pipe, path: str | os.PathLike, *, on_timestep_mismatch: str
     """
     if is_quantized(pipe):
         raise RuntimeError("This pipeline is already quantized; call dequantize_pipeline(pipe) first.")
+    check_choice(on_timestep_mismatch, "on_timestep_mismatch", MISMATCH_POLICIES)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No quantization state at {str(path)!r}.")
