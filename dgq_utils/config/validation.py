@@ -32,6 +32,9 @@ __all__ = [
     "check_size",
     "check_number",
     "check_sampling",
+    "check_comparison_numbers",
+    "check_protocol_numbers",
+    "check_recipes",
     "check_choice",
     "check_instance",
     "check_device",
@@ -190,6 +193,36 @@ def check_sampling(*, num_inference_steps: Any = 25, guidance_scale: Any = 7.5, 
     check_batch_size(batch_size)
     check_size(height, "height")
     check_size(width, "width")
+
+
+def check_comparison_numbers(*, n_boot: Any = 1000, n_boot_set: Any = 100, seed: Any = 0, ci_level: Any = 0.95,
+                             device: Any = "cpu") -> None:
+    """The evaluation arguments of ``run_comparison`` / ``run_paper_protocol``, each under its own name."""
+    check_count(n_boot, "n_boot", 1, fix="bootstrap replicates, e.g. 1000.")
+    check_count(n_boot_set, "n_boot_set", 1, fix="bootstrap replicates for FID/KID/IS, e.g. 100.")
+    check_seed(seed)
+    check_number(ci_level, "ci_level", minimum=0.5, maximum=0.999, fix="e.g. 0.95.")
+    check_device(device)
+
+
+def check_protocol_numbers(*, n_images: Any, n_clip: Any, resize: Any, n_calibration: Any,
+                           recipes: Any = ()) -> None:
+    """The counts of ``run_paper_protocol`` (and its recipe list: a list, not one preset string)."""
+    check_count(n_images, "n_images", 1, fix="the paper uses 30000.")
+    check_count(n_clip, "n_clip", 1, fix="the paper uses 3000.")
+    check_count(resize, "resize", 1, fix="the paper uses 256.")
+    check_count(n_calibration, "n_calibration", 1, fix="the paper uses 256 calibration captions.")
+    check_recipes(recipes)
+
+
+def check_recipes(recipes: Any, name: str = "recipes") -> list:
+    """A list of recipes (preset names or recipe objects); a single preset string is refused (it would be
+    iterated character by character)."""
+    if isinstance(recipes, str):
+        raise fail(name, recipes, "a list of preset names or QuantRecipes", f"wrap it: [{recipes!r}].")
+    if recipes is None or not isinstance(recipes, Iterable):
+        raise fail(name, recipes, "a list of preset names or QuantRecipes", "e.g. ['dgq-w8a8'].")
+    return list(recipes)
 
 
 # ----------------------------------------------------------------------------------------------------------
