@@ -15,7 +15,8 @@ RECIPE = get_preset("dgq-w8a6").replace(name="small", activations={"num_groups":
 
 BAD_PROMPTS = [("a small red circle", "not a single string"), (None, "got None"), ([1, 2], "item 0"),
                (["ok", None], "item 1"), ([], "prompt list is empty")]
-BAD_SAMPLER = [({"num_inference_steps": 0}, "num_inference_steps"), ({"num_inference_steps": "abc"}, "num_inference_steps"),
+BAD_SAMPLER = [({"num_inference_steps": 0}, "num_inference_steps"),
+               ({"num_inference_steps": "abc"}, "num_inference_steps"),
                ({"num_inference_steps": 2.5}, "num_inference_steps"), ({"batch_size": 0}, "batch_size"),
                ({"seed": -1}, "seed"), ({"guidance_scale": "high"}, "guidance_scale"), ({"height": 30}, "height"),
                ({"width": -8}, "width")]

@@ -124,7 +124,8 @@ def test_group_ids_out_of_range(pipe, state_file, tmp_path):
     meta, tensors = read(state_file[0])
     key = next(k for k in sorted(tensors) if k.endswith(".ids"))
     tensors[key] = tensors[key] + 100
-    refused(pipe, write(tmp_path / "ids.safetensors", tensors, meta, rehash=True), "group ids", key.rsplit(".set", 1)[0])
+    bad = write(tmp_path / "ids.safetensors", tensors, meta, rehash=True)
+    refused(pipe, bad, "group ids", key.rsplit(".set", 1)[0])
 
 
 def test_recipe_json_cut_short(pipe, state_file, tmp_path):

@@ -267,11 +267,12 @@ class TimestepController:
         if calls is not None and self.state.call_index + 1 < calls:
             return
         of = f" of {calls}" if calls is not None else " so far"
+        stricter = "error" if self.on_mismatch == "nearest" else "strict"
         warnings.warn(
             f"DGQ ({self.mapping} timestep mapping): {self._approximated}{of} UNet calls of this pipeline run fell "
             f"outside the calibrated parameter sets (calibrated: {_fmt(self.schedule)}) and used the nearest "
             "calibrated t / a clamped set instead. Re-calibrate with this scheduler and num_inference_steps, or make "
-            f"this an error with set_timestep_mismatch_policy(pipe, {'error' if self.on_mismatch == 'nearest' else 'strict'!r}).",
+            f"this an error with set_timestep_mismatch_policy(pipe, {stricter!r}).",
             RuntimeWarning,
             stacklevel=2,
         )
