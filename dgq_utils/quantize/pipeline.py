@@ -34,7 +34,8 @@ Guarantees (tested): ``dequantize_pipeline`` restores the very same module and p
 bit-identical to before; ``unet.state_dict()`` is unchanged while quantized (the quantized twins share the
 original Parameters and keep their own tensors out of the state dict); ``save_quant_state`` + ``load_quant_state``
 onto a freshly built pipeline reproduces images bit-identically without calibration; loading onto a different
-architecture raises a ``ValueError`` naming the first mismatching layer.
+architecture or attention layout, or loading a changed, truncated or foreign file, raises a ``QuantStateError``
+(a ``ValueError``) naming the file and every problem (see :mod:`dgq_utils.quantize.state`).
 """
 from __future__ import annotations
 
