@@ -69,7 +69,7 @@ def check_prompts(prompts: Any, name: str = "prompts", *, allow_empty: bool = Fa
     allowed = "a list of strings (prompts)"
     if isinstance(prompts, str):
         short = prompts if len(prompts) <= 40 else prompts[:37] + "..."
-        raise fail(name, prompts, allowed, f"a list of strings, not a single string (iterating it would give "
+        raise fail(name, prompts, allowed, f"pass a list, not a single string (iterating it would give "
                    f"one-character prompts); wrap it: [{short!r}].")
     if prompts is None:
         raise fail(name, prompts, allowed, "pass a list such as ['a red circle'].")
