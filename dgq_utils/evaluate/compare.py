@@ -38,6 +38,7 @@ import pandas as pd
 from dgq_utils import paths
 from dgq_utils.atomic import atomic_write_text
 from dgq_utils.config import SamplerSettings
+from dgq_utils.config import validation as V
 from dgq_utils.evaluate import metrics as M
 from dgq_utils.evaluate.confidence import (
     CI,
@@ -153,7 +154,7 @@ def _check_disjoint(prompts: Sequence[str], calibration_prompts: Sequence[str]) 
 
 def _recipe_list(recipes) -> list:
     out = ["fp"]
-    for r in recipes:
+    for r in V.check_recipes(recipes):
         name = describe_recipe(r)[0]
         if name == "fp":
             continue
@@ -353,15 +354,13 @@ def run_comparison(
         on_image: passed to the generation runner (called after each new image).
     """
     metrics = M.check_metrics(metrics)
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("the evaluation prompt list is empty")
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("the seed list is empty")
+    prompts = V.check_prompts(prompts)
+    seeds = V.check_seeds(seeds)
+    V.check_comparison_numbers(n_boot=n_boot, n_boot_set=n_boot_set, seed=seed, ci_level=ci_level, device=device)
+    V.check_instance(settings, "settings", SamplerSettings, allow_none=True, fix="pass SamplerSettings(...).")
     recipes = _recipe_list(recipes)
     needs_quant = len(recipes) > 1
-    calibration_prompts = list(calibration_prompts)
+    calibration_prompts = V.check_prompts(calibration_prompts, "calibration_prompts", allow_empty=True)
     if needs_quant and not calibration_prompts:
         raise ValueError("quantized recipes need calibration_prompts (disjoint from the evaluation prompts)")
     _check_disjoint(prompts, calibration_prompts)
