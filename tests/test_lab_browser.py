@@ -19,6 +19,7 @@ Playwright only drives the system browser (``executable_path``); it never downlo
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -49,9 +50,6 @@ REDRAW_S = 120
 #: the notebooks with an explorer, and the widgets a person moves there
 EXPLORERS = ["01_activation_outliers.ipynb", "03_attention_distributions.ipynb"]
 
-pytestmark = pytest.mark.slow
-
-
 def _unavailable(reason: str):
     """Outside CI a missing browser skips (with the reason); in CI it is a failure."""
     if IN_CI:
@@ -70,7 +68,7 @@ def _quick_parameters(book: Path, save_to: Path) -> dict:
     those the notebook declares (as the chain does)."""
     import papermill as pm
 
-    from dgq_utils.report import QUICK_PARAMETERS
+    from dgq_utils.report.chain import QUICK_PARAMETERS
 
     wanted = dict(QUICK_PARAMETERS, threads=1, save_to=str(save_to))
     declared = set(pm.inspect_notebook(str(book)))
@@ -122,7 +120,7 @@ def _start_server(tmp: Path, root_dir: Path) -> tuple[subprocess.Popen, str, str
     (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     env = dict(os.environ,
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DGQ_OUTPUT_DIR=str(tmp / "outputs"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
                JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["lab-settings"]),
@@ -255,6 +253,13 @@ def _figure(box) -> str:
     return box.evaluate("b => [...b.querySelectorAll('.widget-output img')].map(i => i.src).join('|')")
 
 
+def _decode(src: str) -> bytes:
+    """The PNG bytes of the first image in ``src`` (as returned by :func:`_figure`)."""
+    head, _, data = src.split("|")[0].partition(",")
+    assert head == "data:image/png;base64", f"the explorer shows an image of type {head!r}, expected a PNG"
+    return base64.b64decode(data)
+
+
 def _wait_redraw(page, box, before: str, what: str) -> str:
     """Wait until the explorer shows a figure different from ``before`` and it has stopped changing."""
     deadline, last, stable = time.monotonic() + REDRAW_S, None, 0
@@ -285,6 +290,39 @@ def _pixels_changed(a: bytes, b: bytes) -> float:
     return float((np.abs(canvas[0] - canvas[1]).max(axis=2) > 8).mean())
 
 
+def _plot_content_changed(a: bytes, b: bytes, *, title_share: float = 0.15, scale: int = 4,
+                          max_shift: float = 0.1, tol: float = 0.08) -> float:
+    """Share of the plot that differs between two of the kernel's PNGs, ignoring the title and layout shifts.
+
+    A figure whose title names the widget's value (layer, UNet call) changes even when the data drawn does not;
+    a longer title also moves the axes (tight bounding box). So the top ``title_share`` of each image is cut,
+    the rest is shrunk ``scale`` times (gray), and the smallest share of differing pixels over shifts of up to
+    ``max_shift`` of the size is returned. An explorer that redraws the same data under a new title scores
+    ~0 (0.0025 measured), a real redraw 0.3-0.6. (Brute-force shift search on small arrays instead of an image
+    registration library: a few hundred numpy comparisons, no extra dependency.)
+    """
+    import numpy as np
+    from PIL import Image
+
+    imgs = []
+    for png in (a, b):
+        g = Image.open(io.BytesIO(png)).convert("L")
+        g = g.crop((0, int(g.size[1] * title_share), g.size[0], g.size[1]))
+        g = g.resize((max(g.size[0] // scale, 1), max(g.size[1] // scale, 1)), Image.BOX)
+        imgs.append(np.asarray(g, dtype=np.float32) / 255.0)
+    h, w = max(i.shape[0] for i in imgs), max(i.shape[1] for i in imgs)
+    x, y = np.ones((h, w), np.float32), np.ones((h, w), np.float32)  # white canvas, images top-left
+    x[: imgs[0].shape[0], : imgs[0].shape[1]] = imgs[0]
+    y[: imgs[1].shape[0], : imgs[1].shape[1]] = imgs[1]
+    sx, sy, best = int(w * max_shift), int(h * max_shift), 1.0
+    for dx in range(-sx, sx + 1):
+        for dy in range(-sy, sy + 1):
+            xs = x[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)]
+            ys = y[max(-dy, 0): h + min(-dy, 0), max(-dx, 0): w + min(-dx, 0)]
+            best = min(best, float((np.abs(xs - ys) > tol).mean()))
+    return best
+
+
 def _labelled(box, kind: str, label: str):
     """The ``.widget-<kind>`` control of ``box`` whose label reads ``label``."""
     page = box.page
@@ -292,24 +330,37 @@ def _labelled(box, kind: str, label: str):
 
 
 class _Screens:
-    """Screenshots of one notebook's explorer: its figure area (compared between states) and, when asked for, the
-    JupyterLab window scrolled to the explorer cell (saved to figures/, what a reader of the report sees)."""
+    """Screenshots of one notebook's explorer: its figure area (compared between states; kept beside the server
+    log for a failure's post-mortem) and, when asked for, the JupyterLab window scrolled to the explorer cell
+    (saved to figures/: what a reader of the report sees)."""
 
-    def __init__(self, page, cell, box, prefix: str):
-        self.page, self.cell, self.box, self.prefix, self.n = page, cell, box, prefix, 0
+    def __init__(self, page, cell, box, prefix: str, scratch: Path):
+        self.page, self.cell, self.box, self.prefix, self.scratch, self.n = page, cell, box, prefix, scratch, 0
 
-    def take(self, state: str) -> bytes:
-        figure = self.box.locator(".widget-output").screenshot()
+    def take(self, state: str, src: str) -> bytes:
         self.n += 1
+        (self.scratch / f"{self.prefix}_{self.n}_{state}.plot.png").write_bytes(_decode(src))
+        figure = self.box.locator(".widget-output").screenshot(
+            path=str(self.scratch / f"{self.prefix}_{self.n}_{state}.figure.png"))
         if SAVE_SCREENSHOTS:
             self.cell.evaluate("c => c.scrollIntoView({block: 'start'})")
             self.page.mouse.move(0, 0)  # no hover highlight in the picture
-            path = ROOT / "figures" / f"{self.prefix}_{self.n}_{state}.png"
-            path.write_bytes(self.page.screenshot())
-        print(f"{self.prefix} {state}: figure {len(figure)} bytes")
+            self.page.screenshot(path=str(ROOT / "figures" / f"{self.prefix}_{self.n}_{state}.png"))
         return figure
 
 
+def _assert_redrawn(name: str, change: str, fig_before: str, fig_after: str, shot_before: bytes, shot_after: bytes):
+    """After a widget move: the browser shows a visibly different output area, and the plot in it shows other
+    data (not only a new title)."""
+    seen = _pixels_changed(shot_before, shot_after)
+    plotted = _plot_content_changed(_decode(fig_before), _decode(fig_after))
+    print(f"{name}: {change}: {seen:.1%} of the output area's pixels and {plotted:.1%} of the plot changed")
+    assert seen > 0.01, f"{name}: {change} changed only {seen:.2%} of the output area's pixels"
+    assert plotted > 0.02, (f"{name}: {change} changed the plot by only {plotted:.2%} outside its title: the "
+                            "explorer redrew the same data")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPLORERS)
 def test_explorer_widgets_redraw_the_figure_in_jupyterlab(lab, name):
     page = _open_notebook(lab, name)
@@ -319,9 +370,9 @@ def test_explorer_widgets_redraw_the_figure_in_jupyterlab(lab, name):
         box = cell.locator(".widget-vbox").first
         box.wait_for(timeout=REDRAW_S * 1000)
         box.locator(".widget-output img").first.wait_for(timeout=REDRAW_S * 1000)
-        screens = _Screens(page, cell, box, f"lab_{name[:2]}")
+        screens = _Screens(page, cell, box, f"lab_{name[:2]}", lab.log.parent)
         fig = _wait_redraw(page, box, "", "Run All")
-        shot = screens.take("default")
+        shot = screens.take("default", fig)
 
         # a different layer (half the list away: another block of the UNet)
         select = _labelled(box, "dropdown", "layer").locator("select")
@@ -331,11 +382,8 @@ def test_explorer_widgets_redraw_the_figure_in_jupyterlab(lab, name):
         choice = options[(current + max(len(options) // 2, 1)) % len(options)]
         select.select_option(label=choice)
         fig_layer = _wait_redraw(page, box, fig, f"picking layer {choice!r}")
-        shot_layer = screens.take("layer")
-        assert fig_layer != fig
-        changed = _pixels_changed(shot, shot_layer)
-        print(f"{name}: layer {options[current]!r} -> {choice!r} changed {changed:.1%} of the figure's pixels")
-        assert changed > 0.01, f"{name}: only {changed:.2%} of the figure's pixels changed with the layer"
+        shot_layer = screens.take("layer", fig_layer)
+        _assert_redrawn(name, f"layer {options[current]!r} -> {choice!r}", fig, fig_layer, shot, shot_layer)
 
         # one sampling step earlier (or later at the first step), with the slider's keyboard control
         slider = _labelled(box, "slider", "UNet call")
@@ -348,13 +396,39 @@ def test_explorer_widgets_redraw_the_figure_in_jupyterlab(lab, name):
         fig_step = _wait_redraw(page, box, fig_layer, f"moving the UNet-call slider from {step_before}")
         step_after = int(readout.inner_text())
         assert step_after != step_before, f"{name}: the slider still reads {step_after}"
-        shot_step = screens.take("timestep")
-        assert fig_step != fig_layer
-        changed = _pixels_changed(shot_layer, shot_step)
-        print(f"{name}: UNet call {step_before} -> {step_after} changed {changed:.1%} of the figure's pixels")
-        assert changed > 0.01, f"{name}: only {changed:.2%} of the figure's pixels changed with the UNet call"
+        shot_step = screens.take("timestep", fig_step)
+        _assert_redrawn(name, f"UNet call {step_before} -> {step_after}", fig_layer, fig_step, shot_layer, shot_step)
     finally:
         page.close()
         for session in _api(lab.url, lab.token, "/api/sessions"):  # free the two cores for the next notebook
             if session["path"].endswith(name):
                 _api(lab.url, lab.token, f"/api/sessions/{session['id']}", method="DELETE")
+
+
+def test_plot_comparison_sees_data_not_titles():
+    """Fast check of the comparison the browser test relies on, on figures drawn here: the same data under a
+    longer title (which also moves the axes) counts as unchanged, other data as changed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    def png(values, title):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(values)
+        fig.suptitle(title)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")  # what the inline backend does
+        plt.close(fig)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=200), rng.normal(size=200)
+    title = "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2 — call {} (t = 501), all prompts"
+    same = png(a, title.format(2))
+    retitled = png(a, "down_" + title.format(12))  # wider than the axes: the tight box grows, the axes move
+    assert Image.open(io.BytesIO(same)).size != Image.open(io.BytesIO(retitled)).size
+    assert _plot_content_changed(same, retitled) < 0.02
+    assert _plot_content_changed(same, png(b, title.format(2))) > 0.1
