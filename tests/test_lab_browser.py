@@ -6,8 +6,9 @@ carry the chain's ``--quick`` parameters (plus ``threads = 1`` and a temporary `
 without executing (``prepare_only``), so the kernel runs them on the CPU in well under a minute. Debian's Chromium
 (``/usr/bin/chromium``), driven by Playwright, opens the notebook, runs it from the menu (Run > Run All Cells),
 waits until every cell has run, then moves the explorer's widgets -- the layer dropdown and the "UNet call"
-(timestep) slider -- and checks after each move that the figure the explorer draws is a different picture
-(both the PNG the kernel sent and a screenshot of the output area).
+(timestep) slider -- and checks after each move that the explorer redrew: a screenshot of its output area
+differs, and the PNG the kernel sent shows other data outside its title (a title naming the new layer alone does
+not count; an explorer wired to draw a fixed layer fails this, checked by hand once).
 
 Screenshots of each widget state are written to ``figures/lab_NN_*.png`` only when ``DGQ_LAB_SCREENSHOTS=1``, so
 routine runs never rewrite the committed files:
@@ -47,8 +48,9 @@ SERVER_START_S = 120
 RUN_ALL_S = 300  # two shared cores: the quick notebooks take ~15 s each alone, much longer under load
 REDRAW_S = 120
 
-#: the notebooks with an explorer, and the widgets a person moves there
+#: the notebooks whose last cell is an explorer (plots.layer_explorer / plots.attention_explorer)
 EXPLORERS = ["01_activation_outliers.ipynb", "03_attention_distributions.ipynb"]
+
 
 def _unavailable(reason: str):
     """Outside CI a missing browser skips (with the reason); in CI it is a failure."""
@@ -88,7 +90,7 @@ def _prepare_notebooks(dest: Path, save_to: Path) -> Path:
 
 def _api(url: str, token: str, path: str, method: str = "GET"):
     req = urllib.request.Request(f"{url}{path}", method=method, headers={"Authorization": f"token {token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (127.0.0.1 only)
+    with urllib.request.urlopen(req, timeout=10) as resp:  # 127.0.0.1 only
         body = resp.read()
     return json.loads(body) if body else None
 
@@ -245,7 +247,7 @@ def _run_all(page, lab: Lab, name: str):
         pytest.fail(f"{name}: code cell {failed} failed (prompts {state['prompts']}):\n"
                     f"{state['outputs'][failed][-3000:] if failed >= 0 else ''}")
     assert not any("Traceback" in out for out in state["outputs"]), \
-        f"{name}: an error was printed: {[o for o in state['outputs'] if 'Traceback' in o][0][-3000:]}"
+        f"{name}: an error was printed: {next(o for o in state['outputs'] if 'Traceback' in o)[-3000:]}"
 
 
 def _figure(box) -> str:
@@ -260,7 +262,7 @@ def _decode(src: str) -> bytes:
     return base64.b64decode(data)
 
 
-def _wait_redraw(page, box, before: str, what: str) -> str:
+def _wait_redraw(box, before: str, what: str) -> str:
     """Wait until the explorer shows a figure different from ``before`` and it has stopped changing."""
     deadline, last, stable = time.monotonic() + REDRAW_S, None, 0
     while time.monotonic() < deadline:
@@ -371,7 +373,7 @@ def test_explorer_widgets_redraw_the_figure_in_jupyterlab(lab, name):
         box.wait_for(timeout=REDRAW_S * 1000)
         box.locator(".widget-output img").first.wait_for(timeout=REDRAW_S * 1000)
         screens = _Screens(page, cell, box, f"lab_{name[:2]}", lab.log.parent)
-        fig = _wait_redraw(page, box, "", "Run All")
+        fig = _wait_redraw(box, "", "Run All")
         shot = screens.take("default", fig)
 
         # a different layer (half the list away: another block of the UNet)
@@ -381,7 +383,7 @@ def test_explorer_widgets_redraw_the_figure_in_jupyterlab(lab, name):
         assert len(options) > 1, f"{name}: the layer dropdown offers {options}"
         choice = options[(current + max(len(options) // 2, 1)) % len(options)]
         select.select_option(label=choice)
-        fig_layer = _wait_redraw(page, box, fig, f"picking layer {choice!r}")
+        fig_layer = _wait_redraw(box, fig, f"picking layer {choice!r}")
         shot_layer = screens.take("layer", fig_layer)
         _assert_redrawn(name, f"layer {options[current]!r} -> {choice!r}", fig, fig_layer, shot, shot_layer)
 
@@ -393,7 +395,7 @@ def test_explorer_widgets_redraw_the_figure_in_jupyterlab(lab, name):
         lowest = float(handle.get_attribute("aria-valuemin") or 0)
         handle.focus()
         page.keyboard.press("ArrowLeft" if step_before > lowest else "ArrowRight")
-        fig_step = _wait_redraw(page, box, fig_layer, f"moving the UNet-call slider from {step_before}")
+        fig_step = _wait_redraw(box, fig_layer, f"moving the UNet-call slider from {step_before}")
         step_after = int(readout.inner_text())
         assert step_after != step_before, f"{name}: the slider still reads {step_after}"
         shot_step = screens.take("timestep", fig_step)
