@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import STEPS, generate, psnr
+from dgq_utils.calibrate.trace import TRACE_SAMPLER
 from dgq_utils.config import get_preset
 from dgq_utils.quantize.pipeline import (
     dequantize_pipeline,
@@ -23,7 +24,8 @@ W4A4 = get_preset("baseline-w4a6").replace(name="baseline-w4a4", activations={"b
 
 
 def _q(pipe, recipe, prompts, **kw):
-    return quantize_pipeline(pipe, recipe, prompts, num_inference_steps=STEPS, progress=False, **kw)
+    return quantize_pipeline(pipe, recipe, prompts, TRACE_SAMPLER.replace(num_inference_steps=STEPS), progress=False,
+                             **kw)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,13 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import asdict, dataclass, replace
 
 IMAGE_FORMATS = ("png", "jpg")
+
+#: the keywords that a :class:`SamplerSettings` replaces in the functions that take ``sampler=``
+SAMPLER_KEYWORDS = ("num_inference_steps", "guidance_scale", "height", "width", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,38 @@ class SamplerSettings:
             if v is not None and (int(v) <= 0 or int(v) % 8):
                 raise ValueError(f"{side} must be a positive multiple of 8, got {v}")
 
+    def replace(self, **changes) -> "SamplerSettings":
+        """A copy with ``changes`` applied (validated again)."""
+        return replace(self, **changes)
+
     def resolved(self, pipe) -> "SamplerSettings":
         default = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         return SamplerSettings(**{**asdict(self), "height": int(self.height or default),
                                   "width": int(self.width or default)})
+
+
+def check_sampler(sampler, default: SamplerSettings, caller: str) -> SamplerSettings:
+    """``sampler`` if it is a :class:`SamplerSettings`, ``default`` if it is ``None``; else a ``TypeError``."""
+    if sampler is None:
+        return default
+    if not isinstance(sampler, SamplerSettings):
+        raise TypeError(f"{caller}: sampler must be a SamplerSettings (or None for {default}); got "
+                        f"{type(sampler).__name__} {sampler!r}. Pass sampler=SamplerSettings(num_inference_steps=..., "
+                        "guidance_scale=..., height=..., width=..., batch_size=...).")
+    return sampler
+
+
+def takes_sampler(func):
+    """Decorator for functions with a ``sampler=`` argument: the loose keywords it replaced
+    (:data:`SAMPLER_KEYWORDS`) raise a ``TypeError`` that names the new argument instead of Python's generic one."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        old = [k for k in SAMPLER_KEYWORDS if k in kwargs]
+        if old:
+            given = ", ".join(f"{k}={kwargs[k]!r}" for k in old)
+            raise TypeError(f"{func.__qualname__}() takes the sampler as one argument now: pass "
+                            f"sampler=SamplerSettings({given}) instead of {', '.join(old)}=.")
+        return func(*args, **kwargs)
+
+    return wrapper

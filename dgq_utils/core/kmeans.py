@@ -37,6 +37,7 @@ def _canonical_labels(labels: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def kmeans_ids(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Canonical K-means labels of ``points`` ((n, 2) float32): one k-means++ run, ``random_state=seed``."""
+    # scikit-learn is heavy: imported by the process (or worker) that fits, not by importing this module
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
@@ -82,7 +83,7 @@ def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
     if workers <= 1 or len(payload) < min_parallel:
         labels = kmeans_chunk(payload)
     else:
-        from joblib import Parallel, delayed
+        from joblib import Parallel, delayed  # only when fits go to worker processes
 
         size = math.ceil(len(payload) / (4 * workers))
         chunks = [payload[a:a + size] for a in range(0, len(payload), size)]

@@ -348,8 +348,8 @@ def run_comparison(
         lpips_net / lpips_weights: LPIPS backbone and its local weights (skipped, with a note row, if absent).
         n_boot / n_boot_set: bootstrap replicates for per-image means / for FID, KID, IS.
         quantizer: object with ``quantize/save/load/dequantize`` (default: :class:`PipelineQuantizer`).
-        calibration_kwargs: extra keyword arguments for ``quantize_pipeline`` (default: the sampler's steps,
-            guidance and batch size, ``seed``).
+        calibration_kwargs: extra keyword arguments for ``quantize_pipeline`` (default: ``sampler=`` the
+            resolved ``settings``, ``seed``).
         on_image: passed to the generation runner (called after each new image).
     """
     metrics = M.check_metrics(metrics)
@@ -432,15 +432,19 @@ def run_comparison(
     pipe_holder["pipe"] = fp_pipe
     mid = model_identity(fp_pipe, model_id)
     res = settings.resolved(fp_pipe)  # calibrate at the resolution we generate at (pixel groups are positional)
-    cal_kw = {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
-              "height": res.height, "width": res.width, "seed": seed, "batch_size": settings.batch_size,
-              "progress": progress, **(calibration_kwargs or {})}
+    cal_kw = {"sampler": res, "seed": seed, "progress": progress, **(calibration_kwargs or {})}
+    # the cache key's description of the calibration (the same fields as before the sampler became one object)
+    key_kw = {"num_inference_steps": res.num_inference_steps, "guidance_scale": res.guidance_scale,
+              "height": res.height, "width": res.width, "seed": seed, "batch_size": res.batch_size,
+              **({"negative_prompt": res.negative_prompt, "eta": res.eta}  # calibrated with them too
+                 if res.negative_prompt is not None or res.eta else {}),
+              **{k: v for k, v in (calibration_kwargs or {}).items() if k != "progress"}}
 
     def _quantized_pipe(recipe, name, rhash):
         pipe = fresh_pipe()
         pipe_holder["pipe"] = pipe
         # keyed by everything that shapes the calibrated state: model, recipe, calibration prompts and settings
-        shaping = {k: v for k, v in cal_kw.items() if k != "progress"}
+        shaping = key_kw
         key = hashlib.sha256(json.dumps([mid, rhash, calibration_prompts, shaping], sort_keys=True,
                                         default=str).encode()).hexdigest()[:12]
         state = state_dir / f"{name}-{key}.safetensors"

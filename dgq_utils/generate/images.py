@@ -60,6 +60,7 @@ from dgq_utils.atomic import (
     atomic_write_text,
     clean_stale_temp_files,
 )
+from dgq_utils import config
 from dgq_utils.config import SamplerSettings
 
 VERIFY_MODES = ("sha", "size", "decode")
@@ -105,8 +106,6 @@ def describe_recipe(recipe: Any) -> tuple[str, str, dict]:
     Uses :func:`dgq_utils.config.recipe_hash` / ``get_preset`` (the core engine's config); a plain dict is
     hashed the same way (sorted-key JSON), so the key is stable whichever form the caller uses.
     """
-    from dgq_utils import config
-
     if recipe is None:
         recipe = "fp"
     if isinstance(recipe, str):

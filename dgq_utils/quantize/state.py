@@ -10,10 +10,11 @@ from itertools import zip_longest
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from dgq_utils.atomic import atomic_write_bytes
 from dgq_utils.config import QuantRecipe
-from dgq_utils.model.layers import ActQuantizer
 from dgq_utils.quantize.pipeline import (
     QuantizationReport,
     QuantState,
@@ -36,13 +37,6 @@ FORMAT = "dgq-quant-state/1"
 # ----------------------------------------------------------------------------------------------------------
 # save / load
 # ----------------------------------------------------------------------------------------------------------
-def _act_quantizers(qs: QuantState) -> list[ActQuantizer]:
-    out = [layer.act for layer in qs.layers.values() if layer.act is not None]
-    for proc in qs.processors.values():
-        out += [q for role, q in proc.quantizers().items() if role != "prob"]
-    return out
-
-
 def save_quant_state(pipe, path: str | os.PathLike) -> Path:
     """Write the calibrated quantization state of ``pipe`` to ONE ``.safetensors`` file (atomically).
 
@@ -53,8 +47,6 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
     ``quantizers`` (per set: axis, K, n, source), ``calibration`` (steps, sampler and its config, timesteps, seed,
     prompts count, guidance, resolution), ``skipped``. The FP weights are *not* stored: load onto the same model.
     """
-    from safetensors.torch import save
-
     qs = require_state(pipe)
     tensors: dict[str, torch.Tensor] = {}
 
@@ -66,7 +58,7 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
             put(f"{name}.weight.scale", layer.weight_scale)
             put(f"{name}.weight.zero_point", layer.weight_zp)
     quant_meta = {}
-    for q in _act_quantizers(qs):
+    for q in qs.act_quantizers():
         sets = {}
         for i, (scale, zp) in sorted(q.params.items()):
             put(f"{q.name}.set{i}.scale", scale)
@@ -113,8 +105,6 @@ def load_quant_state(pipe, path: str | os.PathLike, *, on_timestep_mismatch: str
     is named in the ``ValueError``) and the same weights as the calibrated one (weights are re-quantized from the
     stored scales / zero points, so identical FP weights give identical images).
     """
-    from safetensors import safe_open
-
     if is_quantized(pipe):
         raise RuntimeError("This pipeline is already quantized; call dequantize_pipeline(pipe) first.")
     path = Path(path)
@@ -140,7 +130,7 @@ def load_quant_state(pipe, path: str | os.PathLike, *, on_timestep_mismatch: str
                     layer.quantize_weight(scale=tensors[f"{name}.weight.scale"],
                                           zero_point=tensors[f"{name}.weight.zero_point"],
                                           bits=recipe.weights.bits, symmetric=recipe.weights.symmetric)
-            for q in _act_quantizers(qs):
+            for q in qs.act_quantizers():
                 sets = quant_meta.get(q.name)
                 if sets is None:
                     raise ValueError(f"{str(path)!r} has no parameters for quantizer {q.name!r}.")
