@@ -81,6 +81,10 @@ _API = {
     "run_chain": "dgq_utils.report.chain",
     # tests and demos
     "build_tiny_pipeline": "dgq_utils.testing.tiny",
+    # errors and warnings a caller may want to catch or filter
+    "InvalidArgumentError": "dgq_utils.config.validation",
+    "QuantStateError": "dgq_utils.quantize.state",
+    "UnknownWordsWarning": "dgq_utils.model.tokenizer",
 }
 
 __all__ = sorted(_API)

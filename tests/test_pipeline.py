@@ -70,7 +70,7 @@ def test_save_load_onto_fresh_pipeline_is_identical(saved_state):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         names = list(f.keys())
-    assert meta["format"] == "dgq-quant-state/1"
+    assert meta["format"] == "dgq-quant-state/2" and len(meta["content_hash"]) == 64
     assert json.loads(meta["recipe"])["name"] == "dgq-w8a6"
     cal = json.loads(meta["calibration"])
     assert cal["num_inference_steps"] == STEPS and cal["scheduler"] == "DDIMScheduler"

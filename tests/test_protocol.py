@@ -111,12 +111,12 @@ def test_missing_inputs_are_named(files, tmp_path, monkeypatch):
                            feature_extractor=M.PIXELS_DEBUG, device="cpu")
     with pytest.raises(FileNotFoundError, match="real_im256.npz"):
         run_paper_protocol(_inputs(files, reference_stats=tmp_path / "missing.npz"), tmp_path, pipe_factory=factory,
-                           feature_extractor=M.PIXELS_DEBUG)
+                           feature_extractor=M.PIXELS_DEBUG, device="cpu")
     with pytest.raises(FileNotFoundError, match="ViT-g-14"):
         run_paper_protocol(_inputs(files, clip_model="ViT-g-14", clip_weights=tmp_path / "open_clip_pytorch_model.bin"),
-                           tmp_path, pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG)
+                           tmp_path, pipe_factory=factory, feature_extractor=M.PIXELS_DEBUG, device="cpu")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
-        run_paper_protocol(_inputs(files), tmp_path, pipe_factory=factory)
+        run_paper_protocol(_inputs(files), tmp_path, pipe_factory=factory, device="cpu")
     with pytest.raises(ValueError, match="fewer than n_images"):
         _run(files, tmp_path / "o", n_images=11)

@@ -49,8 +49,10 @@ import time
 
 import torch
 
-from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace, check_prompts
+from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace
 from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
+from dgq_utils.config.validation import check_prompts, check_seed
+from dgq_utils.model.tokenizer import warn_unknown_words
 from dgq_utils.core.grouping import (
     AxisStats,
     assign_groups_many,
@@ -113,6 +115,8 @@ def calibrate(
     sampler = check_sampler(sampler, TRACE_SAMPLER, "calibrate")
     num_inference_steps = sampler.num_inference_steps
     prompts = check_prompts(prompts)
+    check_seed(seed)
+    warn_unknown_words(pipe, prompts, "calibration prompts")
     recipe = qstate.recipe
     act_cfg = recipe.activations
     upstream = act_cfg.calibration_upstream if act_cfg is not None else "fp"

@@ -51,8 +51,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace, check_prompts, layer_selector
+from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace, layer_selector
 from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
+from dgq_utils.config.validation import check_prompts, check_seed
+from dgq_utils.model.tokenizer import warn_unknown_words
 from dgq_utils.core.grouping import AxisStats
 from dgq_utils.core.stats import (
     LOG2_HIST_EDGES,
@@ -242,6 +244,8 @@ def collect_activation_stats(
     """
     sampler = check_sampler(sampler, TRACE_SAMPLER, "collect_activation_stats")
     prompts = check_prompts(prompts)
+    check_seed(seed)
+    warn_unknown_words(pipe, prompts)
     if conv_layout not in ("tensor", "unfold"):
         raise ValueError(f"conv_layout must be 'tensor' or 'unfold'; got {conv_layout!r}.")
     if getattr(pipe.unet, "_dgq_state", None) is not None:

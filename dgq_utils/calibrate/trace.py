@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
+from dgq_utils.config.validation import check_prompts  # re-exported: the one prompt-list check
 from dgq_utils.model.attention import DGQAttnProcessor
 from dgq_utils.model.timesteps import TimestepController
 
@@ -37,19 +38,6 @@ __all__ = ["Trace", "TRACE_SAMPLER", "check_prompts", "run_prompts", "layer_sele
 #: the default sampler of tracing, observation and calibration: 25 steps, guidance 7.5, the pipeline's default
 #: resolution, 8 prompts per batch (larger batches than generation's default of 4)
 TRACE_SAMPLER = SamplerSettings(batch_size=8)
-
-
-def check_prompts(prompts) -> list[str]:
-    """``prompts`` as a non-empty list of strings, or a ``ValueError`` that says what is wrong."""
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings, not a single string; wrap it: [prompt].")
-    prompts = list(prompts) if prompts is not None else []
-    if not prompts:
-        raise ValueError("The prompt list is empty; calibration / statistics need at least one prompt.")
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts must be strings; got {type(bad[0]).__name__} ({bad[0]!r}).")
-    return prompts
 
 
 def layer_selector(layers) -> Callable[[str], bool]:

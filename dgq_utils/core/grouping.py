@@ -340,9 +340,10 @@ def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kme
     Calibrating DGQ runs one K-means per (layer, timestep) -- about 4000 small fits for a 25-step schedule,
     each a few milliseconds of mostly Python overhead in scikit-learn, so threads do not help. With
     ``method="kmeans"`` and at least :data:`PARALLEL_MIN_FITS` new fits, they run in ``n_jobs`` worker processes
-    (joblib's loky backend, which scikit-learn itself uses; default :func:`kmeans_workers`); fits whose exact
-    input was seen before in this process are answered from a memo (DGQ's W8A8 / W8A6 / W4A8 recipes, and
-    ablations that change only the attention, observe the same FP statistics and so share their groups). Each
+    (loky, the process pool joblib and scikit-learn use; default :func:`kmeans_workers`; they end with this
+    process, see :mod:`dgq_utils.core.kmeans`); fits whose exact input was seen before in this process are
+    answered from a memo (DGQ's W8A8 / W8A6 / W4A8 recipes, and ablations that change only the attention,
+    observe the same FP statistics and so share their groups). Each
     fit is seeded on its own, so the result depends neither on the number of workers nor on the memo.
     """
     jobs = list(jobs)

@@ -36,6 +36,7 @@ import pandas as pd
 
 from dgq_utils.atomic import atomic_write_text
 from dgq_utils.config import SamplerSettings
+from dgq_utils.config import validation as V
 from dgq_utils.evaluate import metrics as M
 from dgq_utils.evaluate.confidence import (
     CI,
@@ -127,7 +128,7 @@ def _check_disjoint(prompts: Sequence[str], calibration_prompts: Sequence[str]) 
 
 def _recipe_list(recipes) -> list:
     out = ["fp"]
-    for r in recipes:
+    for r in V.check_recipes(recipes):
         name = describe_recipe(r)[0]
         if name == "fp":
             continue
@@ -340,17 +341,16 @@ def run_comparison(
             :func:`dgq_utils.model.identity.model_identity`).
         on_image: passed to the generation runner (called after each new image).
     """
-    if not isinstance(data, EvaluationSet):
-        raise TypeError(f"data must be an EvaluationSet(prompts, calibration, seeds), got {type(data).__name__}")
+    # the objects check their own fields when they are made (naming the field); here: that they are the objects
+    V.check_instance(data, "data", EvaluationSet, fix="pass EvaluationSet(prompts, calibration, seeds).")
+    V.check_instance(sampler, "sampler", SamplerSettings, allow_none=True, fix="pass SamplerSettings(...).")
+    V.check_instance(metrics, "metrics", MetricsConfig, allow_none=True, fix="pass MetricsConfig([...]).")
+    V.check_instance(bootstrap, "bootstrap", BootstrapConfig, allow_none=True, fix="pass BootstrapConfig(...).")
     cfg = metrics if metrics is not None else MetricsConfig()
     boot = bootstrap if bootstrap is not None else BootstrapConfig()
     sampler = sampler or SamplerSettings()
     work = Workspace.of(work)
     prompts, seeds, calibration_prompts = list(data.prompts), list(data.seeds), list(data.calibration)
-    if not prompts:
-        raise ValueError("the evaluation prompt list is empty")
-    if not seeds:
-        raise ValueError("the seed list is empty")
     recipes = _recipe_list(recipes)
     if len(recipes) > 1 and not calibration_prompts:
         raise ValueError("quantized recipes need calibration_prompts (EvaluationSet(calibration=...), disjoint "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dgq_utils.config import validation as V
 from dgq_utils.evaluate.metrics import INCEPTION, METRICS, check_metrics
 from dgq_utils.quantize.cache import StateCache
 
@@ -62,12 +63,11 @@ class EvaluationSet(_Replace):
     calibration_seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.prompts, str) or isinstance(self.calibration, str):
-            raise TypeError("EvaluationSet: prompts and calibration are lists of prompts, not one string")
-        object.__setattr__(self, "prompts", tuple(str(p) for p in self.prompts))
-        object.__setattr__(self, "calibration", tuple(str(p) for p in self.calibration))
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        object.__setattr__(self, "calibration_seed", int(self.calibration_seed))
+        object.__setattr__(self, "prompts", tuple(V.check_prompts(self.prompts, "prompts")))
+        object.__setattr__(self, "calibration", tuple(V.check_prompts(self.calibration, "calibration",
+                                                                      allow_empty=True)))
+        object.__setattr__(self, "seeds", tuple(V.check_seeds(self.seeds, "seeds")))
+        object.__setattr__(self, "calibration_seed", V.check_seed(self.calibration_seed, "calibration_seed"))
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,12 @@ class MetricsConfig(_Replace):
 
     def __post_init__(self):
         object.__setattr__(self, "metrics", tuple(check_metrics(self.metrics)))
+        V.check_device(self.device, "device")
+        V.check_choice(self.clip_convention, "clip_convention", ("cosine", "torchmetrics"))
+        if self.resize is not None:
+            V.check_count(self.resize, "resize", 1, fix="a side in pixels, e.g. 256 (or None: no resize).")
+        if self.clip_first_n is not None:
+            V.check_count(self.clip_first_n, "clip_first_n", 1, fix="e.g. 3000 (or None: every image).")
 
 
 @dataclass(frozen=True)
@@ -114,10 +120,10 @@ class BootstrapConfig(_Replace):
     seed: int = 0
 
     def __post_init__(self):
-        if int(self.n_boot) < 1 or int(self.n_set) < 1:
-            raise ValueError(f"BootstrapConfig: n_boot and n_set must be >= 1, got {self.n_boot}, {self.n_set}")
-        if not 0 < float(self.level) < 1:
-            raise ValueError(f"BootstrapConfig: level must be in (0, 1), got {self.level}")
+        V.check_count(self.n_boot, "n_boot", 1, fix="bootstrap replicates, e.g. 1000.")
+        V.check_count(self.n_set, "n_set", 1, fix="bootstrap replicates for FID/KID/IS, e.g. 100.")
+        V.check_number(self.level, "level", minimum=0.5, maximum=0.999, fix="e.g. 0.95.")
+        V.check_seed(self.seed, "seed")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import pandas as pd
 
 from dgq_utils.atomic import atomic_write_json
 from dgq_utils.config import SamplerSettings
+from dgq_utils.config import validation as V
 from dgq_utils.evaluate import metrics as M
 from dgq_utils.evaluate.compare import ComparisonResult, run_comparison
 from dgq_utils.evaluate.config import (
@@ -106,8 +107,9 @@ class ProtocolConfig:
     fidelity_to_fp: bool = True
 
     def __post_init__(self):
-        if int(self.n_images) < 1:
-            raise ValueError(f"n_images must be >= 1, got {self.n_images}")
+        V.check_protocol_numbers(n_images=self.n_images, n_clip=self.n_clip, resize=self.resize,
+                                 n_calibration=self.n_calibration)
+        V.check_seed(self.seed, "seed")
 
 QUIRKS = {
     "seeding": "official: every shard seeds the global RNG with 42 and draws latents in order; here: one generator "
@@ -205,6 +207,12 @@ def run_paper_protocol(
         states: the calibrated-state cache (default: on ``out_dir/quant_states``); pass the notebooks' shared one
             to calibrate each recipe once.
     """
+    V.check_instance(files, "files", ProtocolFiles, fix="pass ProtocolFiles(coco_captions, reference_stats, ...).")
+    V.check_instance(protocol, "protocol", ProtocolConfig, allow_none=True, fix="pass ProtocolConfig(...).")
+    V.check_instance(sampler, "sampler", SamplerSettings, allow_none=True, fix="pass SamplerSettings(...).")
+    V.check_instance(bootstrap, "bootstrap", BootstrapConfig, allow_none=True, fix="pass BootstrapConfig(...).")
+    V.check_recipes(recipes)
+    V.check_device(device)
     protocol = protocol or ProtocolConfig()
     sampler = sampler or PAPER_SAMPLER
     bootstrap = bootstrap or PAPER_BOOTSTRAP

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dgq_utils import paths
+from dgq_utils.config import validation as V
 
 EMBEDDED_DIR = paths.embedded_dir()
 EMBEDDED_PIPELINE_DIR = EMBEDDED_DIR / "pipeline"
@@ -153,6 +154,7 @@ def load_pipeline(model_id_or_path: str | Path | None = None, *, device: str | t
     """
     import diffusers  # heavy (~2 s): imported when a pipeline is loaded, not when the package is
 
+    V.check_device(device)
     if dtype not in LOAD_DTYPES:
         raise TypeError(f"load_pipeline(dtype=...) must be one of {', '.join(map(str, LOAD_DTYPES))}; got {dtype!r}.")
     path = resolve_model_path(model_id_or_path)

@@ -34,7 +34,8 @@ Guarantees (tested): ``dequantize_pipeline`` restores the very same module and p
 bit-identical to before; ``unet.state_dict()`` is unchanged while quantized (the quantized twins share the
 original Parameters and keep their own tensors out of the state dict); ``save_quant_state`` + ``load_quant_state``
 onto a freshly built pipeline reproduces images bit-identically without calibration; loading onto a different
-architecture raises a ``ValueError`` naming the first mismatching layer.
+architecture or attention layout, or loading a changed, truncated or foreign file, raises a ``QuantStateError``
+(a ``ValueError``) naming the file and every problem (see :mod:`dgq_utils.quantize.state`).
 """
 from __future__ import annotations
 
@@ -47,12 +48,12 @@ import torch
 from torch import nn
 
 from dgq_utils.calibrate.calibration import calibrate, needs_calibration
-from dgq_utils.calibrate.trace import check_prompts
 from dgq_utils.config import QuantRecipe, get_preset
 from dgq_utils.config.sampler import SamplerSettings, takes_sampler
+from dgq_utils.config.validation import check_choice, check_prompts, check_seed
 from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer
 from dgq_utils.model.layers import ActQuantizer, QuantConv2d, QuantLinear
-from dgq_utils.model.timesteps import TimestepController, TimestepState, mapping_for
+from dgq_utils.model.timesteps import MISMATCH_POLICIES, TimestepController, TimestepState, mapping_for
 
 __all__ = [
     "QuantState",
@@ -187,10 +188,10 @@ def is_quantized(pipe) -> bool:
 
 
 def set_timestep_mismatch_policy(pipe, policy: str) -> None:
-    """``"error"`` (default) or ``"nearest"``: what happens when a UNet call's ``t`` is not the calibrated one."""
+    """``"error"`` (default), ``"nearest"`` or ``"strict"``: what happens when a UNet call's ``t`` is not the
+    calibrated one (see :mod:`dgq_utils.model.timesteps`)."""
     qs = require_state(pipe)
-    if policy not in ("error", "nearest"):
-        raise ValueError(f"policy must be 'error' or 'nearest'; got {policy!r}.")
+    check_choice(policy, "policy", MISMATCH_POLICIES)
     qs.controller.on_mismatch = policy
 
 
@@ -335,7 +336,9 @@ def quantize_pipeline(
         raise RuntimeError("This pipeline is already quantized; call dequantize_pipeline(pipe) first.")
     calib = needs_calibration(recipe)
     if calib:
-        calibration_prompts = check_prompts(calibration_prompts)
+        calibration_prompts = check_prompts(calibration_prompts, "calibration_prompts")
+    check_seed(seed)
+    check_choice(on_timestep_mismatch, "on_timestep_mismatch", MISMATCH_POLICIES)
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
