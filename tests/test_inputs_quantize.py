@@ -3,13 +3,17 @@ left unquantized."""
 from __future__ import annotations
 
 import pytest
+from conftest import STEPS, sampler_kw
 
 from dgq_utils.calibrate.calibration import calibrate
-from dgq_utils.config import get_preset
+from dgq_utils.config import SamplerSettings, get_preset
 from dgq_utils.config.validation import InvalidArgumentError
-from dgq_utils.quantize.pipeline import dequantize_pipeline, install, is_quantized, quantize_pipeline
-
-from conftest import STEPS
+from dgq_utils.quantize.pipeline import (
+    dequantize_pipeline,
+    install,
+    is_quantized,
+    quantize_pipeline,
+)
 
 RECIPE = get_preset("dgq-w8a6").replace(name="small", activations={"num_groups": 4})
 
@@ -25,7 +29,7 @@ BAD_SAMPLER = [({"num_inference_steps": 0}, "num_inference_steps"),
 @pytest.mark.parametrize("prompts,why", BAD_PROMPTS)
 def test_quantize_refuses_bad_calibration_prompts(pipe, prompts, why):
     with pytest.raises(InvalidArgumentError, match=f"^calibration_prompts: .*{why}"):
-        quantize_pipeline(pipe, RECIPE, prompts, num_inference_steps=STEPS, progress=False)
+        quantize_pipeline(pipe, RECIPE, prompts, sampler=SamplerSettings(num_inference_steps=STEPS), progress=False)
     assert not is_quantized(pipe)
 
 
@@ -33,13 +37,13 @@ def test_quantize_refuses_bad_calibration_prompts(pipe, prompts, why):
 def test_quantize_refuses_bad_sampler_arguments(pipe, calib_prompts, kw, name):
     kw = {"num_inference_steps": STEPS, **kw}
     with pytest.raises(InvalidArgumentError, match=f"^{name}: got"):
-        quantize_pipeline(pipe, RECIPE, calib_prompts, progress=False, **kw)
+        quantize_pipeline(pipe, RECIPE, calib_prompts, progress=False, **sampler_kw(**kw))
     assert not is_quantized(pipe)
 
 
 def test_quantize_refuses_bad_policy_and_recipe(pipe, calib_prompts):
     with pytest.raises(InvalidArgumentError, match="^on_timestep_mismatch: got str \\('closest'\\).*'nearest'"):
-        quantize_pipeline(pipe, RECIPE, calib_prompts, num_inference_steps=STEPS, on_timestep_mismatch="closest")
+        quantize_pipeline(pipe, RECIPE, calib_prompts, sampler=SamplerSettings(num_inference_steps=STEPS), on_timestep_mismatch="closest")
     with pytest.raises(TypeError, match="recipe must be"):
         quantize_pipeline(pipe, 8, calib_prompts)
     assert not is_quantized(pipe)
@@ -55,10 +59,10 @@ def installed(pipe):
 @pytest.mark.parametrize("prompts,why", BAD_PROMPTS)
 def test_calibrate_refuses_bad_prompts(pipe, installed, prompts, why):
     with pytest.raises(InvalidArgumentError, match=f"^prompts: .*{why}"):
-        calibrate(pipe, installed, prompts, num_inference_steps=STEPS, progress=False)
+        calibrate(pipe, installed, prompts, sampler=SamplerSettings(num_inference_steps=STEPS), progress=False)
 
 
 @pytest.mark.parametrize("kw,name", BAD_SAMPLER)
 def test_calibrate_refuses_bad_sampler_arguments(pipe, installed, calib_prompts, kw, name):
     with pytest.raises(InvalidArgumentError, match=f"^{name}: got"):
-        calibrate(pipe, installed, calib_prompts, progress=False, **{"num_inference_steps": STEPS, **kw})
+        calibrate(pipe, installed, calib_prompts, progress=False, **sampler_kw(**{"num_inference_steps": STEPS, **kw}))

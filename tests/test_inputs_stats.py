@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import sampler_kw
+from test_inputs_quantize import BAD_PROMPTS, BAD_SAMPLER
 
 from dgq_utils.calibrate.observe import collect_activation_stats
+from dgq_utils.config import SamplerSettings
 from dgq_utils.config.validation import InvalidArgumentError
-
-from test_inputs_quantize import BAD_PROMPTS, BAD_SAMPLER
 
 
 @pytest.fixture()
@@ -21,7 +22,7 @@ def counted(pipe):
 def test_bad_prompts(counted, prompts, why):
     pipe, calls = counted
     with pytest.raises(InvalidArgumentError, match=f"^prompts: .*{why}"):
-        collect_activation_stats(pipe, prompts, num_inference_steps=2, progress=False)
+        collect_activation_stats(pipe, prompts, sampler=SamplerSettings(num_inference_steps=2), progress=False)
     assert not calls
 
 
@@ -29,10 +30,10 @@ def test_bad_prompts(counted, prompts, why):
 def test_bad_sampler_arguments(counted, calib_prompts, kw, name):
     pipe, calls = counted
     with pytest.raises(InvalidArgumentError, match=f"^{name}: got"):
-        collect_activation_stats(pipe, calib_prompts, progress=False, **{"num_inference_steps": 2, **kw})
+        collect_activation_stats(pipe, calib_prompts, progress=False, **sampler_kw(**{"num_inference_steps": 2, **kw}))
     assert not calls
 
 
 def test_bad_conv_layout(counted, calib_prompts):
     with pytest.raises(ValueError, match="conv_layout"):
-        collect_activation_stats(counted[0], calib_prompts, num_inference_steps=2, conv_layout="im2col")
+        collect_activation_stats(counted[0], calib_prompts, sampler=SamplerSettings(num_inference_steps=2), conv_layout="im2col")

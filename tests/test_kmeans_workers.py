@@ -25,7 +25,7 @@ CALIBRATE_FOREVER = textwrap.dedent("""
     pipe = build_tiny_pipeline(seed=0, scheduler="ddim")
     while True:
         kmeans.clear_memo()  # every round fits again, in worker processes
-        quantize_pipeline(pipe, "dgq-w8a6", list(TINY_PROMPTS[:2]), num_inference_steps=3, progress=False)
+        quantize_pipeline(pipe, "dgq-w8a6", list(TINY_PROMPTS[:2]), sampler=SamplerSettings(num_inference_steps=3), progress=False)
         dequantize_pipeline(pipe)
 """)
 

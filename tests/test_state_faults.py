@@ -6,14 +6,19 @@ import json
 
 import pytest
 import torch
+from conftest import STEPS, generate
 from safetensors import safe_open
 from safetensors.torch import save
 
+from dgq_utils.config import SamplerSettings
 from dgq_utils.quantize.pipeline import is_quantized, quantize_pipeline
-from dgq_utils.quantize.state import QuantStateError, content_hash, load_quant_state, save_quant_state
+from dgq_utils.quantize.state import (
+    QuantStateError,
+    content_hash,
+    load_quant_state,
+    save_quant_state,
+)
 from dgq_utils.testing.tiny import build_tiny_pipeline
-
-from conftest import STEPS, generate
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +26,7 @@ def state_file(tiny_pipe, calib_prompts, tmp_path_factory):
     from dgq_utils.quantize.pipeline import dequantize_pipeline
 
     dequantize_pipeline(tiny_pipe)
-    quantize_pipeline(tiny_pipe, "dgq-w8a6", calib_prompts, num_inference_steps=STEPS, progress=False)
+    quantize_pipeline(tiny_pipe, "dgq-w8a6", calib_prompts, sampler=SamplerSettings(num_inference_steps=STEPS), progress=False)
     try:
         path = save_quant_state(tiny_pipe, tmp_path_factory.mktemp("faults") / "state.safetensors")
         latents = generate(tiny_pipe)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
-
-from dgq_utils.config import get_preset
-from dgq_utils.quantize.pipeline import quantize_pipeline, set_timestep_mismatch_policy
-
 from conftest import STEPS, generate
+
+from dgq_utils.config import SamplerSettings, get_preset
+from dgq_utils.quantize.pipeline import quantize_pipeline, set_timestep_mismatch_policy
 
 SMALL = get_preset("dgq-w8a6").replace(name="small", activations={"num_groups": 4, "grouping": "contiguous"})
 
@@ -23,7 +22,7 @@ def dgq_warnings(fn):
 
 def test_official_mapping_other_step_count_errors_then_warns_once_per_run(pipe, calib_prompts):
     quantize_pipeline(pipe, SMALL.replace(timestep_mapping="official"), calib_prompts[:1],
-                      num_inference_steps=STEPS, progress=False)
+                      sampler=SamplerSettings(num_inference_steps=STEPS), progress=False)
     with pytest.raises(RuntimeError, match="samples 8 steps but the parameter sets were calibrated for 3"):
         generate(pipe, steps=8)
     set_timestep_mismatch_policy(pipe, "nearest")
@@ -37,7 +36,7 @@ def test_official_mapping_other_step_count_errors_then_warns_once_per_run(pipe, 
 def test_official_mapping_clamp_at_calibrated_steps_warns_and_strict_errors(pipe, calib_prompts):
     # DDIM (steps_offset=0), 3 steps: t = 667, 334, 1 -> official indices 1, 2, 3; the last is clamped to set 2
     quantize_pipeline(pipe, SMALL.replace(timestep_mapping="official"), calib_prompts[:1],
-                      num_inference_steps=STEPS, progress=False)
+                      sampler=SamplerSettings(num_inference_steps=STEPS), progress=False)
     msgs = dgq_warnings(lambda: generate(pipe, steps=STEPS))
     assert len(msgs) == 1 and "1 of 3 UNet calls" in msgs[0], msgs
     set_timestep_mismatch_policy(pipe, "strict")
@@ -46,7 +45,7 @@ def test_official_mapping_clamp_at_calibrated_steps_warns_and_strict_errors(pipe
 
 
 def test_exact_mapping_nearest_counts_the_calls(pipe, calib_prompts):
-    quantize_pipeline(pipe, SMALL, calib_prompts[:1], num_inference_steps=STEPS, progress=False)
+    quantize_pipeline(pipe, SMALL, calib_prompts[:1], sampler=SamplerSettings(num_inference_steps=STEPS), progress=False)
     assert dgq_warnings(lambda: generate(pipe, steps=STEPS)) == []   # the calibrated schedule: silent
     with pytest.raises(RuntimeError, match="calibrated for 3 UNet calls"):
         generate(pipe, steps=4)
@@ -56,6 +55,6 @@ def test_exact_mapping_nearest_counts_the_calls(pipe, calib_prompts):
 
 
 def test_shared_mapping_never_warns(pipe, calib_prompts):
-    quantize_pipeline(pipe, SMALL.replace(per_timestep=False), calib_prompts[:1], num_inference_steps=STEPS,
+    quantize_pipeline(pipe, SMALL.replace(per_timestep=False), calib_prompts[:1], sampler=SamplerSettings(num_inference_steps=STEPS),
                       progress=False)
     assert dgq_warnings(lambda: generate(pipe, steps=6)) == []

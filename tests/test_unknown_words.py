@@ -9,7 +9,11 @@ import pytest
 from dgq_utils.calibrate.observe import collect_activation_stats
 from dgq_utils.config import SamplerSettings
 from dgq_utils.generate.images import generate_images
-from dgq_utils.model.tokenizer import UnknownWordsWarning, unknown_words, warn_unknown_words
+from dgq_utils.model.tokenizer import (
+    UnknownWordsWarning,
+    unknown_words,
+    warn_unknown_words,
+)
 from dgq_utils.quantize.pipeline import quantize_pipeline
 from dgq_utils.testing.tiny import TINY_PROMPTS
 
@@ -36,9 +40,9 @@ def test_warning_can_be_an_error_and_nothing_is_made(pipe, tmp_path):
             generate_images(pipe, ODD, [0], tmp_path, settings=SamplerSettings(num_inference_steps=1),
                             progress=False)
         with pytest.raises(UnknownWordsWarning, match="^calibration prompts: .*zebra"):
-            quantize_pipeline(pipe, "dgq-w8a8", ODD, num_inference_steps=2, progress=False)
+            quantize_pipeline(pipe, "dgq-w8a8", ODD, sampler=SamplerSettings(num_inference_steps=2), progress=False)
         with pytest.raises(UnknownWordsWarning, match="^prompts: .*zebra"):
-            collect_activation_stats(pipe, ODD, num_inference_steps=1, progress=False)
+            collect_activation_stats(pipe, ODD, sampler=SamplerSettings(num_inference_steps=1), progress=False)
     assert not (tmp_path / "images").exists() and not any(tmp_path.rglob("*.png"))
 
 
