@@ -19,6 +19,7 @@ CALIBRATE_FOREVER = textwrap.dedent("""
     os.environ["DGQ_KMEANS_JOBS"] = "2"
     import torch
     torch.set_num_threads(1)
+    from dgq_utils.config import SamplerSettings
     from dgq_utils.core import kmeans
     from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
     from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
