@@ -54,23 +54,24 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from dgq_utils.atomic import atomic_write_json, atomic_write_text
-    from dgq_utils.evaluate import DEFAULT_RECIPES, EMBEDDED_N_PROMPTS
-    from dgq_utils.generate import SamplerSettings, generate_images, model_identity
-    from dgq_utils.loading import EMBEDDED_PIPELINE_DIR
-    from dgq_utils.pipeline import dequantize_pipeline, quantize_pipeline
+    from dgq_utils.evaluate.compare import DEFAULT_RECIPES, EMBEDDED_N_PROMPTS
+    from dgq_utils.config import SamplerSettings
+    from dgq_utils.generate.images import generate_images, model_identity
+    from dgq_utils.model.loading import EMBEDDED_PIPELINE_DIR
+    from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
 
     use_embedded = a.model_path is not None or a.model == "embedded" or (
         a.model == "auto" and (EMBEDDED_PIPELINE_DIR / "model_index.json").exists())
     if use_embedded:
-        from dgq_utils.evaluate import embedded_calibration_prompts, embedded_prompts
-        from dgq_utils.loading import load_pipeline
+        from dgq_utils.evaluate.compare import embedded_calibration_prompts, embedded_prompts
+        from dgq_utils.model.loading import load_pipeline
 
         pipe = load_pipeline(a.model_path, device=a.device)
         prompts, _ = embedded_prompts(a.n_images)
         calib = embedded_calibration_prompts(a.n_calibration, exclude=prompts)
         model_name = "embedded" if a.model_path is None else f"embedded architecture ({a.model_path})"
     else:
-        from dgq_utils.tiny import TINY_PROMPTS, build_tiny_pipeline
+        from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
 
         pipe = build_tiny_pipeline(seed=0, scheduler="pndm").to(a.device)
         prompts = [TINY_PROMPTS[i % 4] for i in range(a.n_images)]  # repeated texts get their own index/noise

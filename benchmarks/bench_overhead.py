@@ -8,7 +8,7 @@ cost nothing), and the quantized pipeline -- so drifting machine load hits all a
 Reported: median per-step time of each variant, ratio quantized / pristine FP, the per-round ratios, and the
 quantize (calibration) time. Goal: ratio <= 1.5.
 
-Model (``--size auto``, default): the embedded model from ``dgq_utils.loading.load_pipeline()`` when its weights
+Model (``--size auto``, default): the embedded model from ``dgq_utils.model.loading.load_pipeline()`` when its weights
 exist, else a mid-size random-weight SD-like pipeline (``--size mid``: UNet widths 128/256/256,
 2 layers per block, 8 heads, 32x32 latents = 256 px images, 41 M UNet parameters); ``--model`` loads any local
 SD v1.x folder. The tiny test pipeline is available as ``--size tiny`` but is dominated by Python
@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dgq_utils.atomic import atomic_write_text  # noqa: E402
-from dgq_utils.loading import load_pipeline  # noqa: E402
-from dgq_utils.pipeline import (dequantize_pipeline, load_quant_state, quantize_pipeline,  # noqa: E402
-                                save_quant_state, set_quantization_enabled)
-from dgq_utils.tiny import TINY_PROMPTS, build_tiny_pipeline  # noqa: E402
+from dgq_utils.model.loading import load_pipeline  # noqa: E402
+from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline, set_quantization_enabled
+from dgq_utils.quantize.state import load_quant_state, save_quant_state
+from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline  # noqa: E402
 
 SIZES = {
     "tiny": dict(),
@@ -49,7 +49,7 @@ SIZES = {
 
 
 def build_pipeline(model: str | None, size: str):
-    """``--model`` or the embedded model (``--size auto``/``embedded``) via dgq_utils.loading, else random."""
+    """``--model`` or the embedded model (``--size auto``/``embedded``) via dgq_utils.model.loading, else random."""
     if model is not None:
         return load_pipeline(model), f"load_pipeline({model!r})"
     if size in ("auto", "embedded"):
@@ -94,7 +94,7 @@ def generate(pipe, prompts, steps, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="dgq-w8a6")
-    ap.add_argument("--model", default=None, help="model id/path for dgq_utils.loading.load_pipeline")
+    ap.add_argument("--model", default=None, help="model id/path for dgq_utils.model.loading.load_pipeline")
     ap.add_argument("--size", default="auto", choices=["auto", "embedded", "mid", "tiny"],
                     help="auto: the embedded model if available, else 'mid'")
     ap.add_argument("--steps", type=int, default=4)

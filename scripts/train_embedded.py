@@ -251,7 +251,7 @@ def main():
                                                          "text_encoder": count_params(te)}})
         del pipe, unet, te, vae
     if "eval" in stages:
-        from dgq_utils.loading import load_pipeline
+        from dgq_utils.model.loading import load_pipeline
         from dgq_utils.world.clip import load_world_clip
         from dgq_utils.world.figures import save_grid
         from dgq_utils.world.quality import evaluate_pipeline

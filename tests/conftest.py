@@ -21,7 +21,7 @@ STEPS = 3  # sampling steps used by the quantization tests (DDIM: 3 UNet calls)
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The session's tiny DDIM pipeline (32x32 images, 8x8x4 latents). Do not leave it quantized."""
-    from dgq_utils.tiny import build_tiny_pipeline
+    from dgq_utils.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0, scheduler="ddim")
 
@@ -29,7 +29,7 @@ def tiny_pipe():
 @pytest.fixture()
 def pipe(tiny_pipe):
     """``tiny_pipe``, dequantized again after the test (whatever the test did)."""
-    from dgq_utils.pipeline import dequantize_pipeline
+    from dgq_utils.quantize.pipeline import dequantize_pipeline
 
     dequantize_pipeline(tiny_pipe)
     yield tiny_pipe
@@ -38,7 +38,7 @@ def pipe(tiny_pipe):
 
 @pytest.fixture(scope="session")
 def calib_prompts():
-    from dgq_utils.tiny import TINY_PROMPTS
+    from dgq_utils.testing.tiny import TINY_PROMPTS
 
     return list(TINY_PROMPTS[:4])
 
@@ -51,7 +51,7 @@ def fp_latents(tiny_pipe):
 
 def generate(pipe, prompts=None, steps: int = STEPS, seed: int = 0, output_type: str = "latent"):
     """Seeded generation; returns latents (default) or a float numpy image batch (``output_type="np"``)."""
-    from dgq_utils.tiny import TINY_PROMPTS
+    from dgq_utils.testing.tiny import TINY_PROMPTS
 
     prompts = list(prompts) if prompts is not None else [TINY_PROMPTS[0], TINY_PROMPTS[1]]
     out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.5,

@@ -1,4 +1,4 @@
-"""Notebook-level computations (dgq_utils.analysis): unit checks on synthetic data and the tiny pipeline."""
+"""Notebook-level computations (dgq_utils.report): unit checks on synthetic data and the tiny pipeline."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dgq_utils import analysis as A
-from dgq_utils.grouping import AxisStats, decide_axis
-from dgq_utils.observers import ActivationStats, TensorStats
+from dgq_utils import report as A
+from dgq_utils.core.grouping import AxisStats, decide_axis
+from dgq_utils.calibrate.observe import ActivationStats
+from dgq_utils.core.stats import TensorStats
 
 STEPS = 2  # DDIM: 2 UNet calls
 
@@ -144,14 +145,14 @@ def test_example_groups_assign_every_index():
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    from dgq_utils.tiny import build_tiny_pipeline
+    from dgq_utils.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0, scheduler="ddim")
 
 
 @pytest.fixture(scope="module")
 def calib_stats(tiny):
-    from dgq_utils.observers import collect_activation_stats
+    from dgq_utils.calibrate.observe import collect_activation_stats
 
     return collect_activation_stats(tiny, A.tiny_prompts(2, seed=1), STEPS, progress=False)
 
@@ -232,7 +233,7 @@ def test_prob_error_and_scale_tables(capture):
 
 
 def test_cached_quantizer_reuses_state(tiny, tmp_path):
-    from dgq_utils.pipeline import dequantize_pipeline
+    from dgq_utils.quantize.pipeline import dequantize_pipeline
 
     q = A.CachedQuantizer(tmp_path, "tiny-test")
     prompts = A.tiny_prompts(2, seed=5)

@@ -6,9 +6,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from conftest import STEPS, generate
-from dgq_utils.attention import DGQAttnProcessor, ProbQuantizer
-from dgq_utils.layers import ActQuantizer
-from dgq_utils.quantizers import fake_quant_log2
+from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer
+from dgq_utils.model.layers import ActQuantizer
+from dgq_utils.core.quantizers import fake_quant_log2
 
 
 def _attn(cross: bool, seed: int = 0):
@@ -139,7 +139,7 @@ def test_per_prompt_scale_makes_samples_independent(scale, independent):
 
 def test_per_prompt_independence_in_the_pipeline(pipe, calib_prompts):
     """Whole quantized pipeline (dgq-w8a8, per-prompt softmax scale): prompt a's image does not depend on b/c."""
-    from dgq_utils.pipeline import quantize_pipeline
+    from dgq_utils.quantize.pipeline import quantize_pipeline
 
     quantize_pipeline(pipe, "dgq-w8a6", calib_prompts, num_inference_steps=STEPS, progress=False)
     a, b, c = "a blue house near a river", "a horse in the snow", "a small bird flying over the beach"

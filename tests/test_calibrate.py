@@ -8,8 +8,13 @@ import torch
 
 from conftest import STEPS, generate
 from dgq_utils.config import get_preset
-from dgq_utils.pipeline import (dequantize_pipeline, get_quant_state, is_quantized, quantize_pipeline,
-                                set_timestep_mismatch_policy)
+from dgq_utils.quantize.pipeline import (
+    dequantize_pipeline,
+    get_quant_state,
+    is_quantized,
+    quantize_pipeline,
+    set_timestep_mismatch_policy,
+)
 
 SMALL = get_preset("dgq-w8a8").replace(name="small", activations={"num_groups": 4})
 
@@ -67,7 +72,7 @@ def test_num_groups_clamped_per_layer_or_rejected(pipe, calib_prompts):
 def _state_tensors(pipe, tmp_path, name):
     from safetensors.torch import load_file
 
-    from dgq_utils.pipeline import save_quant_state
+    from dgq_utils.quantize.state import save_quant_state
 
     path = save_quant_state(pipe, tmp_path / f"{name}.safetensors")
     return load_file(str(path))
@@ -126,7 +131,7 @@ def test_exact_mapping_mismatch_error_or_nearest(pipe, calib_prompts):
 
 
 def test_official_mapping_reproduces_the_off_by_one(calib_prompts):
-    from dgq_utils.tiny import build_tiny_pipeline
+    from dgq_utils.testing.tiny import build_tiny_pipeline
 
     pndm = build_tiny_pipeline(seed=0, scheduler="pndm")
     exact = SMALL.replace(name="exact", activations={"grouping": "contiguous"})
@@ -155,7 +160,7 @@ def test_official_upstream_and_unfold_calibration(pipe, calib_prompts):
 
 
 def test_collect_activation_stats_tidy_tables(pipe, fp_latents):
-    from dgq_utils.observers import collect_activation_stats
+    from dgq_utils.calibrate.observe import collect_activation_stats
 
     procs = dict(pipe.unet.attn_processors)
     stats = collect_activation_stats(pipe, ["a horse in the snow", "a red car parked in the city"],

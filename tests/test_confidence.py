@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dgq_utils.confidence import (
-    CI, bootstrap_indices, bootstrap_mean, bootstrap_statistic, mean_ci_halfwidth, paired_difference,
+from dgq_utils.evaluate.confidence import (
+    CI,
+    bootstrap_indices,
+    bootstrap_mean,
+    bootstrap_statistic,
+    mean_ci_halfwidth,
+    paired_difference,
     paired_statistic_difference,
 )
 

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dgq_utils import metrics as M
-from dgq_utils.evaluate import Reference, run_comparison
-from dgq_utils.generate import SamplerSettings, load_manifest
+from dgq_utils.evaluate import metrics as M
+from dgq_utils.evaluate.compare import Reference, run_comparison
+from dgq_utils.config import SamplerSettings
+from dgq_utils.generate.images import load_manifest
 
 PROMPTS = ["a red car parked in the city", "a blue house near a river", "a horse in the snow",
            "an old clock near a white cup", "a picture of a dog", "a yellow flower in a green forest"]
@@ -20,14 +21,14 @@ METRICS = ["fid", "kid", "isc", "clip_score", "alignment", "psnr", "ssim", "lpip
 
 
 def factory():
-    from dgq_utils.tiny import build_tiny_pipeline
+    from dgq_utils.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
 
 
 @pytest.fixture(scope="module")
 def clip_scorer():
-    from dgq_utils.tiny import build_tiny_clip
+    from dgq_utils.testing.tiny import build_tiny_clip
 
     return M.ClipScorer.from_transformers(*build_tiny_clip())
 
@@ -102,10 +103,10 @@ def test_one_call_table_and_resume_after_kill(tmp_path, clip_scorer):
         _run(tmp_path / "run", clip_scorer, model=pipe, on_image=kill)
     partial = pd.read_csv(tmp_path / "run" / "results.csv")
     assert list(dict.fromkeys(partial["recipe"])) == ["fp", "baseline-w8a8"]  # a valid partial table
-    from dgq_utils.pipeline import is_quantized
+    from dgq_utils.quantize.pipeline import is_quantized
 
     if is_quantized(pipe):  # the kill left it quantized; a rerun must start from FP
-        from dgq_utils.pipeline import dequantize_pipeline
+        from dgq_utils.quantize.pipeline import dequantize_pipeline
 
         dequantize_pipeline(pipe)
     resumed = _run(tmp_path / "run", clip_scorer, model=pipe)
@@ -178,8 +179,14 @@ def _build_random_embedded(root):
     from diffusers import StableDiffusionPipeline
 
     from dgq_utils.world.evaluator import AttributeEvaluator
-    from dgq_utils.world.models import (AttributeClassifier, make_clip, make_scheduler, make_unet, make_vae,
-                                        text_encoder_from_clip)
+    from dgq_utils.world.models import (
+        AttributeClassifier,
+        make_clip,
+        make_scheduler,
+        make_unet,
+        make_vae,
+        text_encoder_from_clip,
+    )
     from dgq_utils.world.text import build_world_tokenizer
 
     torch.manual_seed(0)
@@ -197,7 +204,7 @@ def _build_random_embedded(root):
 
 def test_embedded_comparison_wiring(tmp_path):
     """run_embedded_comparison through the world's real interfaces (random weights stand in for data/embedded)."""
-    from dgq_utils.evaluate import embedded_prompts, run_embedded_comparison
+    from dgq_utils.evaluate.compare import embedded_prompts, run_embedded_comparison
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -221,8 +228,8 @@ def test_embedded_comparison_wiring(tmp_path):
 @pytest.mark.slow
 def test_default_embedded_comparison_on_the_real_model(tmp_path):
     """The report's call on the shipped embedded model, at a small N (skipped until data/embedded exists)."""
-    from dgq_utils.loading import EMBEDDED_PIPELINE_DIR
-    from dgq_utils.evaluate import DEFAULT_RECIPES, run_embedded_comparison
+    from dgq_utils.model.loading import EMBEDDED_PIPELINE_DIR
+    from dgq_utils.evaluate.compare import DEFAULT_RECIPES, run_embedded_comparison
 
     if not (EMBEDDED_PIPELINE_DIR / "model_index.json").exists():
         pytest.skip("data/embedded is not there yet")

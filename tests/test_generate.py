@@ -5,9 +5,15 @@ import os
 import pytest
 
 from dgq_utils.atomic import atomic_save_image, atomic_write_text, clean_stale_temp_files
-from dgq_utils.generate import (
-    MANIFEST_COLUMNS, SamplerSettings, count_missing, generate_images, image_seed, load_manifest, model_identity,
+from dgq_utils.generate.images import (
+    MANIFEST_COLUMNS,
+    count_missing,
+    generate_images,
+    image_seed,
+    load_manifest,
+    model_identity,
 )
+from dgq_utils.config import SamplerSettings
 
 PROMPTS = ["a red car parked in the city", "a blue house near a river", "a horse in the snow",
            "an old clock near a white cup"]
@@ -17,7 +23,7 @@ N = len(PROMPTS) * 2
 
 @pytest.fixture(scope="module")
 def pipe():
-    from dgq_utils.tiny import build_tiny_pipeline
+    from dgq_utils.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
 

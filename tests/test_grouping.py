@@ -1,4 +1,4 @@
-"""Tests for dgq_utils.grouping: statistics, channel/pixel decision, group assignment, group parameters."""
+"""Tests for dgq_utils.core.grouping: statistics, channel/pixel decision, group assignment, group parameters."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgq_utils.grouping import (
+from dgq_utils.core.grouping import (
     AXIS_RULES,
     AxisStats,
     assign_groups,
@@ -23,8 +23,8 @@ from dgq_utils.grouping import (
     plan_groups,
     quantization_error,
 )
-from dgq_utils import kmeans as kmeans_memo
-from dgq_utils.quantizers import fake_quant_uniform, uniform_qparams
+from dgq_utils.core import kmeans as kmeans_memo
+from dgq_utils.core.quantizers import fake_quant_uniform, uniform_qparams
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from dgq_utils.grouping import AxisStats, fake_quant_along_axis
-from dgq_utils.layers import ActQuantizer, QuantConv2d, QuantLinear, check_unfoldable
-from dgq_utils.quantizers import fake_quant_uniform, uniform_qparams
-from dgq_utils.timesteps import TimestepState
+from dgq_utils.core.grouping import AxisStats, fake_quant_along_axis
+from dgq_utils.model.layers import ActQuantizer, QuantConv2d, QuantLinear, check_unfoldable
+from dgq_utils.core.quantizers import fake_quant_uniform, uniform_qparams
+from dgq_utils.model.timesteps import TimestepState
 
 
 def _calibrated(name, x, layout, axis, k=4, bits=8):
     """An ActQuantizer observed on ``x`` and finalized with K groups on ``axis`` (via calibrate's code)."""
-    from dgq_utils.calibrate import finalize_act_quantizer
+    from dgq_utils.calibrate.calibration import finalize_act_quantizer
     from dgq_utils.config import ActQuantConfig
 
     q = ActQuantizer(name, bits, layout=layout)
@@ -48,14 +48,14 @@ def test_group_params_are_broadcast_shaped(layout, shape, axis, dims, expect):
     assert torch.equal(q(x), fake_quant_uniform(x, scale, zp, 8))
     # and equals the core's per-index reference along the same axis
     stats = AxisStats.from_tensor(x, dims)
-    from dgq_utils.grouping import per_index_qparams
+    from dgq_utils.core.grouping import per_index_qparams
 
     s_ref, z_ref = per_index_qparams(stats, info["ids"], 2, 8)
     assert torch.equal(q(x), fake_quant_along_axis(x, s_ref, z_ref, 8, dims))
 
 
 def test_per_tensor_and_2d_inputs():
-    from dgq_utils.calibrate import finalize_act_quantizer
+    from dgq_utils.calibrate.calibration import finalize_act_quantizer
     from dgq_utils.config import ActQuantConfig
 
     x = torch.randn(4, 16) + 2.0  # all-positive-ish 2-D input (time embedding style)
@@ -71,7 +71,7 @@ def test_per_tensor_and_2d_inputs():
 
 
 def test_ema_range_estimator():
-    from dgq_utils.calibrate import finalize_act_quantizer
+    from dgq_utils.calibrate.calibration import finalize_act_quantizer
     from dgq_utils.config import ActQuantConfig
 
     q = ActQuantizer("a", 8, layout="linear")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from dgq_utils import loading
+from dgq_utils.model import loading
 
 
 def test_unknown_hub_id_fails_fast_with_instructions():

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dgq_utils import metrics as M
-from dgq_utils.tiny import build_tiny_clip, build_tiny_open_clip
+from dgq_utils.evaluate import metrics as M
+from dgq_utils.testing.tiny import build_tiny_clip, build_tiny_open_clip
 
 
 def _images(n, seed, size=32, shift=0):

@@ -134,7 +134,7 @@ def test_notebook_runs_quick_on_tiny_model(name, tiny_run):
 @pytest.mark.slow
 def test_quick_chain_with_papermill_on_default_model(tmp_path):
     """What CI's smoke run of the report does: all six notebooks, papermill, the embedded model, quick mode."""
-    from dgq_utils.report import run_chain
+    from dgq_utils.report.chain import run_chain
 
     params = {"quick": True, "save_to": str(tmp_path / "out"), "work_dir": str(tmp_path / "work")}
     runs = run_chain(params, out_dir=tmp_path / "executed", html=True, log=lambda m: None)

@@ -9,9 +9,15 @@ from safetensors import safe_open
 
 from conftest import STEPS, generate, psnr
 from dgq_utils.config import get_preset
-from dgq_utils.pipeline import (dequantize_pipeline, get_quant_state, is_quantized, load_quant_state,
-                                quantize_pipeline, save_quant_state, set_quantization_enabled)
-from dgq_utils.tiny import build_tiny_pipeline
+from dgq_utils.quantize.pipeline import (
+    dequantize_pipeline,
+    get_quant_state,
+    is_quantized,
+    quantize_pipeline,
+    set_quantization_enabled,
+)
+from dgq_utils.quantize.state import load_quant_state, save_quant_state
+from dgq_utils.testing.tiny import build_tiny_pipeline
 
 W4A4 = get_preset("baseline-w4a6").replace(name="baseline-w4a4", activations={"bits": 4})
 

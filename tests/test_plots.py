@@ -14,8 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dgq_utils import plots as P  # noqa: E402
-from dgq_utils.grouping import AxisStats  # noqa: E402
+from dgq_utils.report import plots as P  # noqa: E402
+from dgq_utils.core.grouping import AxisStats  # noqa: E402
 
 LAYERS = ["down_blocks.0.resnets.0.conv1", "down_blocks.1.attentions.0.proj_in", "mid_block.resnets.0.conv2",
           "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2", "time_embedding.linear_1"]

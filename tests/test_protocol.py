@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dgq_utils import metrics as M
-from dgq_utils.protocol import QUIRKS, calibration_captions, read_captions, run_paper_protocol
-from dgq_utils.tiny import build_tiny_open_clip
+from dgq_utils.evaluate import metrics as M
+from dgq_utils.evaluate.protocol import QUIRKS, calibration_captions, read_captions, run_paper_protocol
+from dgq_utils.testing.tiny import build_tiny_open_clip
 
 CAPTIONS = ["a picture of a dog", "a red car parked in the city", "a blue house near a river", "a horse in the snow",
             "a painting of a forest and a river", "a small bird flying over the beach",
@@ -18,7 +18,7 @@ CAPTIONS = ["a picture of a dog", "a red car parked in the city", "a blue house 
 
 
 def factory():
-    from dgq_utils.tiny import build_tiny_pipeline
+    from dgq_utils.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
 

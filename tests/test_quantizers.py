@@ -1,4 +1,4 @@
-"""Tests for dgq_utils.quantizers: uniform affine, log2 and weight quantizers (fast, CPU)."""
+"""Tests for dgq_utils.core.quantizers: uniform affine, log2 and weight quantizers (fast, CPU)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgq_utils.quantizers import (
+from dgq_utils.core.quantizers import (
     MSE_SEARCH_ALPHAS,
     check_bits,
     dequantize_uniform,

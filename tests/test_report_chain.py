@@ -4,7 +4,7 @@ import json
 import nbformat
 import pytest
 
-from dgq_utils.report import ChainError, _parse_value, list_notebooks, run_chain
+from dgq_utils.report.chain import ChainError, _parse_value, list_notebooks, run_chain
 
 
 def _notebook(path, cells):

@@ -5,8 +5,8 @@ import os
 import pandas as pd
 import pytest
 
-from dgq_utils.confidence import bootstrap_mean
-from dgq_utils.results import COLUMNS, ResultsTable, make_row, report_view, row_from_ci, tidy, to_markdown
+from dgq_utils.evaluate.confidence import bootstrap_mean
+from dgq_utils.evaluate.results import COLUMNS, ResultsTable, make_row, report_view, row_from_ci, tidy, to_markdown
 
 
 def test_add_writes_csv_and_markdown(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import generate
-from dgq_utils.tiny import TINY_PROMPTS, add_start_sink, build_tiny_pipeline, make_scheduler
-from dgq_utils.tokenizer import out_of_vocabulary_words
+from dgq_utils.testing.tiny import TINY_PROMPTS, add_start_sink, build_tiny_pipeline, make_scheduler
+from dgq_utils.model.tokenizer import out_of_vocabulary_words
 
 
 def test_same_seed_same_weights(tiny_pipe):
@@ -53,7 +53,7 @@ def test_pndm_scheduler_repeats_a_timestep():
 
 def test_start_sink_scaffolding():
     """add_start_sink (test scaffolding) makes cross-attention put most of its mass on key 0."""
-    from dgq_utils.observers import collect_activation_stats
+    from dgq_utils.calibrate.observe import collect_activation_stats
 
     pipe = build_tiny_pipeline(seed=0)
     before = collect_activation_stats(pipe, TINY_PROMPTS[:1], num_inference_steps=1, layers=["*attn2*"],

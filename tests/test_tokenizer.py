@@ -1,10 +1,6 @@
 import pytest
 
-from dgq_utils.tokenizer import (
-    build_word_level_tokenizer,
-    check_word_level_tokenizer,
-    out_of_vocabulary_words,
-)
+from dgq_utils.model.tokenizer import build_word_level_tokenizer, check_word_level_tokenizer, out_of_vocabulary_words
 
 WORDS = ["a", "red", "circle", "above", "blue", "square", "on", "grey", "background"]
 

@@ -50,7 +50,7 @@ def test_load_pipeline_offline_and_generate(monkeypatch):
 
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from dgq_utils.loading import load_pipeline
+    from dgq_utils.model.loading import load_pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("the embedded model must load without any network connection")
@@ -112,7 +112,7 @@ def test_committed_evaluation_shows_the_quality_bar():
 @pytest.mark.slow
 @needs_weights
 def test_fp_alignment_on_a_few_one_object_prompts(evaluator):
-    from dgq_utils.loading import load_pipeline
+    from dgq_utils.model.loading import load_pipeline
     from dgq_utils.world.quality import generate
 
     pipe = load_pipeline()

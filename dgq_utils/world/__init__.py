@@ -12,7 +12,21 @@ Submodules (imported lazily, so ``import dgq_utils.world`` stays cheap):
 * :mod:`~dgq_utils.world.phenomena`  activation channel ranges and cross-attention <start> mass
 * :mod:`~dgq_utils.world.train`      training loops used by scripts/train_embedded.py
 """
-from .scenes import (  # noqa: F401
-    COLOUR_NAMES, HELDOUT_COMBOS, LAYOUTS, POSITIONS, RELATIONS, SHAPES, SIZES, Scenes, canonical_targets,
-    caption_from_attributes, captions, parse_caption, render, sample_scenes, scenes_from_captions, vocabulary,
+from dgq_utils.world.scenes import (
+    COLOUR_NAMES,
+    HELDOUT_COMBOS,
+    LAYOUTS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scenes,
+    canonical_targets,
+    caption_from_attributes,
+    captions,
+    parse_caption,
+    render,
+    sample_scenes,
+    scenes_from_captions,
+    vocabulary,
 )

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import scenes as W
+from dgq_utils import paths
+from dgq_utils.world import scenes as W
 
-DEFAULT_CLIP_DIR = Path(__file__).resolve().parents[2] / "data" / "embedded" / "clip"
+DEFAULT_CLIP_DIR = paths.embedded_dir() / "clip"
 
 
 def pixel_values(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ class _Tokenizer:
         self.tok = tok
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        from .text import tokenize
+        from dgq_utils.world.text import tokenize
 
         return tokenize(self.tok, [texts] if isinstance(texts, str) else list(texts))
 
@@ -88,7 +89,7 @@ def load_world_clip(path: str | Path | None = None, device="cpu"):
     """``(model, preprocess, tokenizer)`` of the shipped small CLIP (``data/embedded/clip``), offline."""
     from transformers import CLIPModel
 
-    from .text import load_world_tokenizer
+    from dgq_utils.world.text import load_world_tokenizer
 
     path = Path(path) if path is not None else DEFAULT_CLIP_DIR
     if not (path / "config.json").exists():
@@ -108,7 +109,7 @@ def clip_score(images, prompts: Sequence[str], model=None, preprocess=None, toke
     """
     if model is None:
         model, preprocess, tokenizer = load_world_clip()
-    from .evaluator import images_to_tensor
+    from dgq_utils.world.evaluator import images_to_tensor
 
     dev = next(model.parameters()).device
     if isinstance(images, (list, tuple)) and hasattr(images[0], "convert"):

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import scenes as W
-from .models import HEADS, AttributeClassifier
+from dgq_utils.world import scenes as W
+from dgq_utils.world.models import HEADS, AttributeClassifier
 
 N_POS = len(W.POSITIONS)
 

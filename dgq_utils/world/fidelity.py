@@ -8,18 +8,22 @@ applies the softmax). Inputs are uint8 tensors (B, 3, H, W), resized to 64x64 in
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from dgq_utils import paths
+
 NAME = "dgq-world-evaluator"
-DEFAULT_EVALUATOR_DIR = Path(__file__).resolve().parents[2] / "data" / "embedded" / "evaluator"
+DEFAULT_EVALUATOR_DIR = paths.embedded_dir() / "evaluator"
 
 
 def _extractor_class():
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-    from .evaluator import AttributeEvaluator, images_to_tensor, is_logits
+    from dgq_utils.world.evaluator import (
+        AttributeEvaluator,
+        images_to_tensor,
+        is_logits,
+    )
 
     class WorldEvaluatorFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -57,7 +61,10 @@ def _extractor_class():
 
 def register() -> str:
     """Register the feature extractor with torch-fidelity (idempotent); returns its name."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+    from torch_fidelity.registry import (
+        FEATURE_EXTRACTORS_REGISTRY,
+        register_feature_extractor,
+    )
 
     if NAME not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(NAME, _extractor_class())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import scenes as W
+from dgq_utils.world import scenes as W
 
 ARCH = {
     "text": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,

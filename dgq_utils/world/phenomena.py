@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attention import attention_epilogue, attention_prologue
+from dgq_utils.model.attention import attention_epilogue, attention_prologue
 
 
 class _CrossAttnRecorder:

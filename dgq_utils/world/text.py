@@ -1,6 +1,6 @@
 """Tokenizer of the world and vectorised caption -> token-id conversion (for training on the GPU).
 
-The tokenizer is the lead's offline word-level ``CLIPTokenizer`` (:mod:`dgq_utils.tokenizer`) built on
+The tokenizer is the lead's offline word-level ``CLIPTokenizer`` (:mod:`dgq_utils.model.tokenizer`) built on
 :func:`dgq_utils.world.scenes.vocabulary`: every word is one token, BOS (``<|startoftext|>``) at position
 0, EOS after the last word, then EOS as padding up to 77 positions -- SD v1.x's layout.
 
@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from dgq_utils.tokenizer import check_word_level_tokenizer, write_word_level_vocab
-
-from . import scenes as W
+from dgq_utils.model.tokenizer import check_word_level_tokenizer, write_word_level_vocab
+from dgq_utils.world import scenes as W
 
 MAX_LENGTH = 77
 

@@ -26,10 +26,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import scenes as W
-from .clip import image_embeds, text_embeds
-from .evaluator import augment, classifier_loss
-from .models import AttributeClassifier, make_clip, make_unet, make_vae, SCHEDULER_CONFIG
+from dgq_utils.world import scenes as W
+from dgq_utils.world.clip import image_embeds, text_embeds
+from dgq_utils.world.evaluator import augment, classifier_loss
+from dgq_utils.world.models import (
+    SCHEDULER_CONFIG,
+    AttributeClassifier,
+    make_clip,
+    make_unet,
+    make_vae,
+)
 
 
 class Logger:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dgq_utils.loading import load_pipeline  # noqa: E402
+from dgq_utils.model.loading import load_pipeline  # noqa: E402
 from dgq_utils.world import scenes as W  # noqa: E402
 from dgq_utils.world.evaluator import AttributeEvaluator, alignment, summarize  # noqa: E402
 from dgq_utils.world.quality import generate, standard_prompt_sets  # noqa: E402

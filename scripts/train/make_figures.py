@@ -52,7 +52,7 @@ def curves(emb: Path, out: Path):
 
 
 def samples(out: Path):
-    from dgq_utils.loading import load_pipeline
+    from dgq_utils.model.loading import load_pipeline
     from dgq_utils.world.quality import generate
 
     pipe = load_pipeline()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dgq_utils.loading import load_pipeline  # noqa: E402
+from dgq_utils.model.loading import load_pipeline  # noqa: E402
 from dgq_utils.world import scenes as W  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dgq_utils.loading import load_pipeline  # noqa: E402
+from dgq_utils.model.loading import load_pipeline  # noqa: E402
 from dgq_utils.world import scenes as W  # noqa: E402
 from dgq_utils.world.phenomena import measure  # noqa: E402
 

@@ -1,0 +1,1 @@
+"""Seeded, cached, resumable image generation (:mod:`.images`)."""

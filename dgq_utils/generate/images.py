@@ -1,0 +1,490 @@
+"""Seeded, cached, resumable image generation: prompts × seeds × recipe → PNG files + a manifest.
+
+What this module guarantees
+---------------------------
+* **Same inputs ⇒ same pixels (on the CPU).** Every image gets its own initial latents, drawn from a
+  ``torch.Generator`` seeded by :func:`image_seed` ``(prompt_index, seed)`` and passed to the pipeline as
+  ``latents=``; samplers that add noise during sampling get a per-image generator too. So an image never depends
+  on which other images shared its batch. One subtlety: on the CPU, PyTorch's kernels are not bit-identical
+  across *batch sizes* (a batch of 1 can differ from a batch of 4 by ~2e-6, i.e. occasionally one 8-bit level),
+  although they are bit-identical across batch *composition* and position. The runner therefore always runs
+  full batches, padding the last one by repeating its first item, and the batch size is part of the cache key.
+  (Recipes whose statistics are taken over the whole batch — the official code's "batch" softmax scale — are
+  batch-dependent by definition; the runner cannot and does not hide that.)
+* **Nothing half-written.** Images and manifest pieces are written with :mod:`dgq_utils.atomic` (temporary
+  file in the same folder + ``os.replace``).
+* **Resume.** Re-running with the same arguments skips every image that has a manifest record *and* a file whose
+  SHA-256 matches it; a missing, truncated or corrupt file (or a record-less file left by a kill between the
+  image write and the manifest write) is regenerated. Generation order is deterministic, so a resumed run ends
+  with exactly the files and manifest a clean run produces.
+* **Cache.** Each (model, sampler settings, recipe hash) gets its own folder under ``cache_root``:
+  ``<recipe-name>-<key>/`` with ``meta.json``, ``images/`` and ``manifest.jsonl``. FP images are therefore
+  generated once and reused by every comparison that shares the cache root. Inside a folder an image is keyed
+  by (prompt index, prompt text, seed), so two prompt lists can share a folder without clashing.
+
+Manifest (JSON lines, one record per image; also returned as a pandas DataFrame): ``recipe_name``,
+``recipe_hash``, ``model_id``, ``sampler``, ``steps``, ``guidance``, ``height``, ``width``, ``eta``,
+``negative_prompt``, ``batch_size``, ``prompt_index``, ``prompt``, ``seed``, ``image_seed``, ``file``
+(relative to the cache folder), ``sha256``, ``bytes``.
+
+While a run is in progress, each finished batch's records go to ``manifest.parts/<n>.jsonl`` (one atomic file
+per batch — appending to one big file would not be atomic, and rewriting it per batch is quadratic for 30k
+images); at the end they are merged into ``manifest.jsonl`` (atomically) and the parts are removed. A reader
+always merges both, so any kill point leaves a consistent state.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+
+from dgq_utils.atomic import (
+    atomic_save_image,
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale_temp_files,
+)
+from dgq_utils.config import SamplerSettings
+
+VERIFY_MODES = ("sha", "size", "decode")
+MANIFEST_COLUMNS = [
+    "recipe_name", "recipe_hash", "model_id", "sampler", "steps", "guidance", "height", "width", "eta",
+    "negative_prompt", "batch_size", "prompt_index", "prompt", "seed", "image_seed", "file", "sha256", "bytes",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# identities: seeds, recipes, models, settings
+# --------------------------------------------------------------------------------------------------------------
+def image_seed(prompt_index: int, seed: int) -> int:
+    """The generator seed of the image for (prompt index, user seed): 63 bits of SHA-256 of ``"index:seed"``.
+
+    Deterministic, independent of batching and of the other prompts, and distinct for every (index, seed) pair
+    in practice, so ``seeds=[0]`` still gives every prompt its own noise.
+    """
+    digest = hashlib.sha256(f"{int(prompt_index)}:{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prompt_key(prompt: str) -> str:
+    """Eight hex digits of the prompt's SHA-256 (used in file names)."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
+
+
+def describe_recipe(recipe: Any) -> tuple[str, str, dict]:
+    """``(name, hash, dict)`` for a recipe given as a ``QuantRecipe``, a preset name, ``None`` (FP) or a dict.
+
+    Uses :func:`dgq_utils.config.recipe_hash` / ``get_preset`` (the core engine's config); a plain dict is
+    hashed the same way (sorted-key JSON), so the key is stable whichever form the caller uses.
+    """
+    from dgq_utils import config
+
+    if recipe is None:
+        recipe = "fp"
+    if isinstance(recipe, str):
+        recipe = config.get_preset(recipe)
+    if isinstance(recipe, config.QuantRecipe):
+        return recipe.name, config.recipe_hash(recipe), recipe.to_dict()
+    if isinstance(recipe, dict):
+        d = dict(recipe)
+        name = str(d.get("name", "custom"))
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        return name, hashlib.sha256(blob.encode()).hexdigest()[:12], d
+    raise TypeError(f"recipe must be a QuantRecipe, a preset name, a dict or None; got {type(recipe).__name__}")
+
+
+def model_fingerprint(pipe) -> str:
+    """SHA-256 (16 hex digits) of every parameter and buffer of the pipeline's models, in name order.
+
+    Used as the model id when the pipeline has no ``name_or_path`` (e.g. a tiny random pipeline built in
+    memory). Call it on the *FP* pipeline: quantization may change weights in place.
+    """
+    h = hashlib.sha256()
+    for comp_name in sorted(pipe.components):
+        comp = pipe.components[comp_name]
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        for name, t in sorted(comp.state_dict().items()):
+            h.update(f"{comp_name}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "fingerprint:" + h.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """16 hex digits over (relative path, size, mtime) of every file below ``folder`` — changes when a model
+    folder is retrained or replaced, without reading gigabytes of weights."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def model_identity(pipe, model_id: str | None = None) -> str:
+    """``model_id`` if given; else, for a pipeline loaded from a local folder, ``<absolute path>@<folder
+    fingerprint>`` (so a retrained model never reuses old cached images); else the pipeline's ``name_or_path``;
+    else :func:`model_fingerprint` of the weights in memory."""
+    if model_id:
+        return str(model_id)
+    nop = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", {}), "get", lambda k: None)(
+        "_name_or_path")
+    if nop:
+        p = Path(nop)
+        return f"{p.resolve()}@{folder_fingerprint(p)}" if p.is_dir() else str(nop)
+    return model_fingerprint(pipe)
+
+
+def _scheduler_identity(pipe) -> dict:
+    cfg = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    return {"class": type(pipe.scheduler).__name__, "config": cfg}
+
+
+def cache_key(model_id: str, settings: SamplerSettings, recipe_hash: str, scheduler: dict | None = None) -> str:
+    """16 hex digits identifying (model, sampler settings, scheduler, recipe hash)."""
+    blob = json.dumps({"model": model_id, "settings": asdict(settings), "scheduler": scheduler or {},
+                       "recipe": recipe_hash}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "recipe"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cache folder
+# --------------------------------------------------------------------------------------------------------------
+class ImageCache:
+    """One cache folder: ``meta.json``, ``images/``, ``manifest.jsonl`` and ``manifest.parts/``."""
+
+    def __init__(self, folder: str | os.PathLike, meta: dict | None = None):
+        self.folder = Path(folder)
+        self.images = self.folder / "images"
+        self.parts = self.folder / "manifest.parts"
+        self.manifest_path = self.folder / "manifest.jsonl"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.parts.mkdir(exist_ok=True)
+        for d in (self.folder, self.images, self.parts):
+            clean_stale_temp_files(d)
+        meta_path = self.folder / "meta.json"
+        if meta is not None:
+            if meta_path.exists():
+                try:
+                    old = json.loads(meta_path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    old = None
+                if old is not None and old.get("key") != meta.get("key"):
+                    raise RuntimeError(f"cache folder {self.folder} belongs to key {old.get('key')}, "
+                                       f"not {meta.get('key')}; use another cache_root")
+            atomic_write_json(meta_path, meta)
+        self.meta = meta if meta is not None else (
+            json.loads(meta_path.read_text()) if meta_path.exists() else {})
+
+    # records ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def record_key(rec: dict) -> tuple:
+        return (int(rec["prompt_index"]), prompt_key(rec["prompt"]), int(rec["seed"]))
+
+    def _read_jsonl(self, path: Path) -> list[dict]:
+        out = []
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return out
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+                self.record_key(rec)
+                out.append(rec)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a damaged line: its image will be regenerated
+        return out
+
+    def records(self) -> dict[tuple, dict]:
+        """All records (consolidated manifest + parts), last one wins per image key."""
+        recs: dict[tuple, dict] = {}
+        sources = [self.manifest_path] if self.manifest_path.exists() else []
+        sources += sorted(self.parts.glob("*.jsonl"))
+        for src in sources:
+            for rec in self._read_jsonl(src):
+                recs[self.record_key(rec)] = rec
+        return recs
+
+    def is_valid(self, rec: dict, verify: str = "sha") -> bool:
+        """Whether ``rec``'s file exists and matches it (``sha``: SHA-256; ``size``: byte count only;
+        ``decode``: SHA-256 and PIL can decode it)."""
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"unknown verify mode {verify!r}; valid: {', '.join(VERIFY_MODES)}")
+        path = self.folder / rec.get("file", "")
+        if not path.is_file():
+            return False
+        if verify == "size":
+            return path.stat().st_size == int(rec.get("bytes", -1))
+        if sha256_file(path) != rec.get("sha256"):
+            return False
+        if verify == "decode":
+            from PIL import Image
+
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception:
+                return False
+        return True
+
+    def write_part(self, records: list[dict]) -> None:
+        existing = [int(p.stem) for p in self.parts.glob("*.jsonl") if p.stem.isdigit()]
+        n = max(existing, default=-1) + 1
+        atomic_write_text(self.parts / f"{n:08d}.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+    def consolidate(self) -> None:
+        """Merge parts into ``manifest.jsonl`` (sorted, one line per image), atomically; then drop the parts."""
+        recs = self.records()
+        lines = [json.dumps(recs[k], sort_keys=True) + "\n" for k in sorted(recs)]
+        parts = list(self.parts.glob("*.jsonl"))
+        atomic_write_text(self.manifest_path, "".join(lines))
+        for p in parts:
+            p.unlink(missing_ok=True)
+
+    def manifest(self) -> pd.DataFrame:
+        recs = self.records()
+        df = pd.DataFrame([recs[k] for k in sorted(recs)], columns=MANIFEST_COLUMNS)
+        return df
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate_images` returns: the manifest rows of the *requested* images, in request order."""
+
+    folder: Path
+    manifest: pd.DataFrame
+    generated: int = 0
+    reused: int = 0
+    repaired: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / f for f in self.manifest["file"]]
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the prompt list is empty: give at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; items {bad[:5]} are not")
+    return prompts
+
+
+def _check_seeds(seeds: Iterable[int] | int) -> list[int]:
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("the seed list is empty: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"duplicate seeds {seeds}")
+    return seeds
+
+
+def open_cache(pipe, cache_root: str | os.PathLike, *, recipe: Any = None, model_id: str | None = None,
+               settings: SamplerSettings | None = None) -> ImageCache:
+    """The cache folder for (model, settings, recipe) under ``cache_root`` (created if needed)."""
+    settings = (settings or SamplerSettings()).resolved(pipe)
+    name, rhash, rdict = describe_recipe(recipe)
+    mid = model_identity(pipe, model_id)
+    sched = _scheduler_identity(pipe)
+    key = cache_key(mid, settings, rhash, sched)
+    meta = {"key": key, "model_id": mid, "recipe_name": name, "recipe_hash": rhash, "recipe": rdict,
+            "settings": asdict(settings), "scheduler": sched}
+    return ImageCache(Path(cache_root) / f"{_safe(name)}-{key}", meta)
+
+
+@torch.no_grad()
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Iterable[int] | int,
+    cache_root: str | os.PathLike,
+    *,
+    recipe: Any = None,
+    model_id: str | None = None,
+    settings: SamplerSettings | None = None,
+    progress: bool = True,
+    verify: str = "sha",
+    on_image: Callable[[dict], None] | None = None,
+    prompt_indices: Sequence[int] | None = None,
+    require_cached: bool = False,
+) -> GenerationResult:
+    """Generate (or reuse) one image per (prompt, seed) with ``pipe`` and return the manifest.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline, already quantized for ``recipe`` (this function only generates;
+            ``recipe`` is the label that goes into the cache key and manifest).
+        prompts: the prompts; image ``(i, seed)`` uses prompt ``i`` (``prompt_indices[i]`` if given — use that
+            when ``prompts`` is a slice of a larger list, so indices and therefore noise stay those of the full list).
+        seeds: user seeds; each (prompt index, seed) pair gets its own generator, see :func:`image_seed`.
+        cache_root: folder holding one sub-folder per (model, settings, recipe).
+        recipe: ``QuantRecipe``, preset name or ``None`` for FP.
+        model_id: model identity for the cache key (default: the pipeline's path, else a weight fingerprint —
+            pass it explicitly for quantized pipelines, whose weights may have been changed in place).
+        settings: :class:`SamplerSettings` (steps, guidance, size, batch size, format).
+        progress: show a tqdm bar over images.
+        verify: how existing files are checked before reuse (``"sha"`` default, ``"size"``, ``"decode"``).
+        on_image: called with each new record right after its image file is written (tests use it to simulate
+            a kill; a progress hook can use it too).
+        prompt_indices: see ``prompts``.
+        require_cached: raise instead of generating if any image is missing (used to reuse a finished recipe
+            without quantizing a pipeline for it).
+    """
+    from tqdm.auto import tqdm
+
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"unknown verify mode {verify!r}; valid: {', '.join(VERIFY_MODES)}")
+    cache, settings, keys, todo, reused, repaired = _plan(pipe, prompts, seeds, cache_root, recipe, model_id,
+                                                          settings, verify, prompt_indices)
+    if todo and require_cached:
+        raise RuntimeError(f"{len(todo)} image(s) of {cache.meta['recipe_name']} are not in the cache {cache.folder}")
+    meta = cache.meta
+    ext = settings.image_format
+    wanted_n = len(keys)
+    sched = meta["scheduler"]["class"]
+    base = {"recipe_name": meta["recipe_name"], "recipe_hash": meta["recipe_hash"], "model_id": meta["model_id"],
+            "sampler": sched, "steps": settings.num_inference_steps, "guidance": settings.guidance_scale,
+            "height": settings.height, "width": settings.width, "eta": settings.eta,
+            "negative_prompt": settings.negative_prompt, "batch_size": settings.batch_size}
+    bs = settings.batch_size
+    generated = 0
+    bar = tqdm(total=wanted_n, initial=wanted_n - len(todo), disable=not progress, unit="img",
+               desc=f"generate {meta['recipe_name']}")
+    try:
+        for start in range(0, len(todo), bs):
+            batch = todo[start:start + bs]
+            images = _run_batch(pipe, batch, settings)
+            records = []
+            for (idx, prompt, seed), img in zip(batch, images):
+                rel = f"images/{_file_name(idx, prompt, seed, ext)}"
+                data = atomic_save_image(img, cache.folder / rel)
+                rec = {**base, "prompt_index": idx, "prompt": prompt, "seed": seed,
+                       "image_seed": image_seed(idx, seed), "file": rel, "sha256": _sha256_bytes(data),
+                       "bytes": len(data)}
+                records.append(rec)
+                generated += 1
+                bar.update(1)
+                if on_image is not None:
+                    on_image(rec)
+            cache.write_part(records)
+    finally:
+        bar.close()
+    cache.consolidate()
+    recs = cache.records()
+    manifest = pd.DataFrame([recs[k] for k in keys], columns=MANIFEST_COLUMNS)
+    return GenerationResult(cache.folder, manifest, generated, reused, repaired, meta)
+
+
+def _plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices):
+    prompts = _check_prompts(prompts)
+    seeds = _check_seeds(seeds)
+    indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+    if len(indices) != len(prompts):
+        raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
+    settings = (settings or SamplerSettings()).resolved(pipe)
+    cache = open_cache(pipe, cache_root, recipe=recipe, model_id=model_id, settings=settings)
+    wanted = [(idx, p, s) for idx, p in zip(indices, prompts) for s in seeds]
+    keys = [(idx, prompt_key(p), s) for idx, p, s in wanted]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate (prompt index, prompt, seed) items requested")
+    existing = cache.records()
+    todo, reused, repaired = [], 0, 0
+    for item, key in zip(wanted, keys):
+        rec = existing.get(key)
+        if rec is not None and cache.is_valid(rec, verify):
+            reused += 1
+        else:
+            repaired += rec is not None or (cache.folder / "images" / _file_name(*item, settings.image_format)).exists()
+            todo.append(item)
+    return cache, settings, keys, todo, reused, int(repaired)
+
+
+def count_missing(pipe, prompts, seeds, cache_root, *, recipe=None, model_id=None, settings=None, verify="sha",
+                  prompt_indices=None) -> int:
+    """How many of the requested images :func:`generate_images` would have to (re)generate."""
+    return len(_plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices)[3])
+
+
+def _file_name(idx: int, prompt: str, seed: int, ext: str) -> str:
+    return f"p{int(idx):06d}-{prompt_key(prompt)}-s{int(seed)}.{ext}"
+
+
+def initial_latents(pipe, idx: int, seed: int, settings: SamplerSettings) -> torch.Tensor:
+    """The (1, C, h, w) float32 CPU initial noise of image (idx, seed) — the pipeline scales it by
+    ``init_noise_sigma`` itself."""
+    g = torch.Generator("cpu").manual_seed(image_seed(idx, seed))
+    shape = (1, int(pipe.unet.config.in_channels), settings.height // int(pipe.vae_scale_factor),
+             settings.width // int(pipe.vae_scale_factor))
+    return torch.randn(shape, generator=g, dtype=torch.float32)
+
+
+def _run_batch(pipe, batch, settings: SamplerSettings):
+    """Run one full batch (padded by repeating the first item) and return PIL images of the real items."""
+    n = len(batch)
+    padded = list(batch) + [batch[0]] * (settings.batch_size - n)
+    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
+    dtype = pipe.unet.dtype
+    latents = torch.cat([initial_latents(pipe, i, s, settings) for i, _, s in padded]).to(device, dtype)
+    # step noise (ancestral / DDPM-like samplers, eta > 0): one generator per image, offset from the latent seed
+    gens = [torch.Generator("cpu").manual_seed((image_seed(i, s) + 1) & ((1 << 63) - 1)) for i, _, s in padded]
+    kwargs = dict(
+        prompt=[p for _, p, _ in padded],
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        latents=latents,
+        generator=gens,
+        output_type="pil",
+    )
+    if settings.negative_prompt is not None:
+        kwargs["negative_prompt"] = [settings.negative_prompt] * len(padded)
+    if settings.eta:
+        kwargs["eta"] = settings.eta
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    out = pipe(**kwargs)
+    images = out.images if hasattr(out, "images") else out[0]
+    return images[:n]
+
+
+def load_manifest(folder: str | os.PathLike) -> pd.DataFrame:
+    """The manifest of a cache folder (consolidated file + any parts) as a DataFrame."""
+    return ImageCache(folder).manifest()
