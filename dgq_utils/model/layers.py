@@ -50,7 +50,8 @@ from dgq_utils.core.quantizers import (
     uniform_qparams,
     weight_qparams,
 )
-from dgq_utils.core.stats import TensorStats
+from dgq_utils.core.stats import TensorStats, axes_for
+from dgq_utils.kernels import fake_quant as fused
 from dgq_utils.model.timesteps import TimestepState
 
 __all__ = ["ActQuantizer", "QuantLinear", "QuantConv2d", "QUANT_MODES", "LAYER_MODES"]
@@ -89,6 +90,8 @@ class ActQuantizer(nn.Module):
         self.params: dict[int, tuple[Tensor, Tensor]] = {}
         self.info: dict[int, dict] = {}
         self.stats: dict[int, TensorStats] = {}
+        self._stack: fused.ParamStack | None = None  # the sets stacked for the GPU / compiled path
+        self._stack_key: tuple | None = None
         self._observe_axes: tuple[str, ...] = ("channel", "pixel")
         self._ema_momentum = 0.95
         self._percentiles: tuple[float, ...] = ()
@@ -114,6 +117,7 @@ class ActQuantizer(nn.Module):
             raise ValueError(f"{self.name}: scale {tuple(scale.shape)} and zero point {tuple(zero_point.shape)} differ.")
         self.params[int(set_index)] = (scale, zero_point)
         self.info[int(set_index)] = dict(info or {"axis": "tensor", "k": 1, "n": 1, "ids": None})
+        self._stack = self._stack_key = None
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -135,6 +139,53 @@ class ActQuantizer(nn.Module):
         raise ValueError(f"{self.name}: unknown mode {mode!r}; use one of {QUANT_MODES}.")
 
     def _quant(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            st = self._stack  # built by an eager call before compiling (dynamo guards on the object)
+            if st is not None and st.fits(x) and not (torch.is_grad_enabled() and x.requires_grad):
+                # PyTorch operations that inductor fuses into the neighbouring ops; the set is gathered on the
+                # device (no guard on the set index, so no recompile per timestep)
+                return fused.fake_quant_stacked_reference(x, st, self.state.index_tensor(x.device), self.bits,
+                                                          self.symmetric)
+            return self._quant_reference(x)
+        st = self._stacked(x.device)
+        if st is not None and fused.available(x) and st.fits(x) and not (torch.is_grad_enabled() and x.requires_grad):
+            if self.state.set_index not in self.params:
+                self._missing_set(self.state.set_index)
+            return fused.fake_quant_uniform_fused(x, st, self.state.index_tensor(x.device), self.bits,
+                                                  symmetric=self.symmetric)
+        return self._quant_reference(x)
+
+    def _missing_set(self, i: int):
+        raise RuntimeError(
+            f"{self.name}: no quantization parameters for timestep set {i} (calibrated sets: "
+            f"{sorted(self.params)}). Was the pipeline calibrated with this sampler / number of steps?"
+        )
+
+    def _stacked(self, device: torch.device) -> "fused.ParamStack | None":
+        """The parameter sets stacked on ``device`` (cached; rebuilt when the sets change). ``None`` when there
+        are none or they cannot be stacked (then the reference path is used)."""
+        params = self.params
+        if not params:
+            return None
+        key = (id(params), len(params), device)
+        if self._stack_key == key:
+            return self._stack
+        ndims = {s.ndim for s, _ in params.values()} - {0}  # 0-d sets are per tensor
+        st = None
+        if len(ndims) <= 1 and not ndims & {1}:
+            if ndims:
+                ch, px = axes_for(torch.empty((1,) * ndims.pop(), device="meta"), self.layout)
+                px = () if px is None else ((px,) if isinstance(px, int) else tuple(px))
+            else:
+                ch, px = 0, ()
+            try:
+                st = fused.ParamStack.from_sets(params, ch, px).to(device)
+            except ValueError:
+                st = None
+        self._stack, self._stack_key = st, key
+        return st
+
+    def _quant_reference(self, x: Tensor) -> Tensor:
         i = self.state.set_index
         p = self.params.get(i)
         if p is None:
