@@ -20,9 +20,12 @@
     Own the original module (kept outside the module tree, so ``dequantize`` can put the very same object back) and
     share its ``weight`` / ``bias`` Parameters, so ``unet.state_dict()`` keys and values are unchanged by
     quantization. The weight is fake-quantized **once**, at quantize (or load) time, and cached in the
-    non-persistent buffer ``weight_fq``; the forward uses it directly. The bias is never quantized. If you change
+    non-persistent buffer ``weight_fq`` on the CPU; on a GPU (``layer.weight_cache = "auto"``) it is recomputed in
+    every forward by one fused kernel into a transient tensor instead (bit-identical; the GPU then holds no second
+    copy of the weights -- at SD scale 1.6 GiB). The bias is never quantized. If you change
     the weights after quantizing, call :meth:`QuantLinear.quantize_weight` again (the cache does not track them).
-    Memory: the cache doubles the UNet's weight memory (the FP weights are kept for exact dequantization).
+    Memory: on the CPU the cache doubles the UNet's weight memory (the FP weights are kept for exact
+    dequantization); on a GPU only the transient copy of one layer's weight exists at a time.
 
     ``layer.enabled = False`` makes the layer compute exactly like the original (FP weight, no activation
     quantizer): bit-identical outputs. Layer modes (:meth:`set_mode`) pair the activation mode with the weight
@@ -92,6 +95,7 @@ class ActQuantizer(nn.Module):
         self.stats: dict[int, TensorStats] = {}
         self._stack: fused.ParamStack | None = None  # the sets stacked for the GPU / compiled path
         self._stack_key: tuple | None = None
+        self.stats_device: torch.device | None = None  # where the observed inputs lived (calibration)
         self._observe_axes: tuple[str, ...] = ("channel", "pixel")
         self._ema_momentum = 0.95
         self._percentiles: tuple[float, ...] = ()
@@ -212,7 +216,12 @@ class ActQuantizer(nn.Module):
         t = self.state.t
         return f"{self.name!r} (timestep index {self.state.set_index}, t={t if t is None else f'{t:g}'})"
 
+    def prepare(self, device) -> None:
+        """Build the device-side parameter stack now (calibration / loading do this once; else the first call)."""
+        self._stacked(torch.device(device))
+
     def _observe(self, x: Tensor) -> None:
+        self.stats_device = x.device
         st = self.stats.get(self.state.set_index)
         if st is None:
             st = self.stats[self.state.set_index] = TensorStats()
@@ -234,7 +243,7 @@ def _set_layer_mode(layer, mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; use one of {LAYER_MODES}.")
     if layer.act is not None:
         layer.act.mode = mode
-    layer.use_quantized_weight = mode in _QUANTIZING_MODES and layer.weight_fq is not None
+    layer.use_quantized_weight = mode in _QUANTIZING_MODES and layer.weight_quantized
 
 
 class _QuantLayerMixin:
@@ -253,6 +262,10 @@ class _QuantLayerMixin:
         self.weight_symmetric = False
         self.use_quantized_weight = False
         self.enabled = True
+        #: ``"auto"`` (default): cache the fake-quantized weight on the CPU, recompute it per forward on a GPU
+        #: (one fused kernel; no second copy of the weights in GPU memory); ``True`` / ``False``: always / never.
+        self.weight_cache: bool | str = "auto"
+        self._weight_stack = None
 
     @property
     def original(self) -> nn.Module:
@@ -276,16 +289,45 @@ class _QuantLayerMixin:
             raise ValueError("explicit weight parameters need scale, zero_point, bits and symmetric.")
         scale = scale.to(device=w.device, dtype=torch.float32)
         zero_point = zero_point.to(device=w.device, dtype=torch.float32)
-        self.weight_fq = fake_quant_uniform(w, scale, zero_point, bits, symmetric=symmetric).to(w.dtype)
         self.weight_scale, self.weight_zp = scale, zero_point
         self.weight_bits, self.weight_symmetric = int(bits), bool(symmetric)
+        self._weight_stack = None
+        cache = self.weight_cache if self.weight_cache != "auto" else w.device.type == "cpu"
+        self.weight_fq = self._fake_quant_weight() if cache else None
+
+    @property
+    def weight_quantized(self) -> bool:
+        """Whether :meth:`quantize_weight` has set weight parameters (the weight may be cached or not)."""
+        return self.weight_bits is not None
+
+    @torch.no_grad()
+    def _fake_quant_weight(self) -> Tensor:
+        """The fake-quantized weight, computed now (bit-identical to the cached one)."""
+        w = self.weight.detach()
+        if self.weight_scale.device != w.device:
+            self.weight_scale, self.weight_zp = self.weight_scale.to(w.device), self.weight_zp.to(w.device)
+            self._weight_stack = None
+        if not torch.compiler.is_compiling() and fused.available(w):
+            st = self._weight_stack
+            if st is None:
+                st = self._weight_stack = (
+                    fused.ParamStack.from_sets({0: (self.weight_scale, self.weight_zp)}, 0, ()),
+                    torch.zeros((), dtype=torch.int32, device=w.device))
+            return fused.fake_quant_uniform_fused(w, st[0], st[1], self.weight_bits,
+                                                  symmetric=self.weight_symmetric)
+        return fake_quant_uniform(w, self.weight_scale, self.weight_zp, self.weight_bits,
+                                  symmetric=self.weight_symmetric).to(w.dtype)
 
     def set_mode(self, mode: str) -> None:
         """Activation mode plus which weight is used (see the module docstring)."""
         _set_layer_mode(self, mode)
 
     def _weight(self) -> Tensor:
-        return self.weight_fq if self.use_quantized_weight else self.weight
+        if not self.use_quantized_weight:
+            return self.weight
+        if self.weight_fq is not None:
+            return self.weight_fq
+        return self._fake_quant_weight()  # transient: freed after the layer's forward
 
 
 class QuantLinear(_QuantLayerMixin, nn.Module):
@@ -387,5 +429,5 @@ def check_unfoldable(conv: nn.Conv2d, name: str) -> None:
 
 def weight_bits_per_param(layer) -> float:
     """Bits per weight parameter of a quantized layer (32 if its weight is FP)."""
-    return float(layer.weight_bits) if layer.weight_fq is not None else 32.0
+    return float(layer.weight_bits) if layer.weight_quantized else 32.0
 
