@@ -187,6 +187,7 @@ class ActQuantizer(nn.Module):
             except ValueError:
                 st = None
         self._stack, self._stack_key = st, key
+        self.state.index_tensor(device)  # created eagerly: a compiled graph must find it
         return st
 
     def _quant_reference(self, x: Tensor) -> Tensor:
