@@ -10,8 +10,8 @@ The public API, along the data flow (load → observe → quantize → generate 
 
 Names are imported lazily (PEP 562), so ``import dgq_utils`` stays cheap -- worker processes that only need
 :mod:`dgq_utils.core.kmeans` never import torch or diffusers. The stage subpackages: :mod:`.config`,
-:mod:`.core`, :mod:`.model`, :mod:`.calibrate`, :mod:`.quantize`, :mod:`.generate`, :mod:`.evaluate`,
-:mod:`.report`, :mod:`.world` (the embedded model's synthetic world) and :mod:`.testing`.
+:mod:`.core`, :mod:`.kernels` (GPU kernels with plain-torch references), :mod:`.model`, :mod:`.calibrate`,
+:mod:`.quantize`, :mod:`.generate`, :mod:`.evaluate`, :mod:`.report`, :mod:`.world` (the embedded model's synthetic world) and :mod:`.testing`.
 """
 from __future__ import annotations
 

@@ -3,8 +3,10 @@
 Every writer here follows the same recipe: write to a temporary file *in the destination's folder* (so the final
 ``os.replace`` is a rename inside one file system, which POSIX makes atomic), flush and ``fsync`` it, then
 ``os.replace`` it over the destination. If anything fails before the rename, the temporary file is removed and the
-destination is untouched. A process killed mid-write leaves at most a stray ``.<name>.tmp-*`` file, which
-:func:`clean_stale_temp_files` removes (the generation runner calls it when it opens a cache folder).
+destination is untouched. A process killed mid-write leaves at most a stray ``.<name>.tmp-<pid>-*`` file, which
+:func:`clean_stale_temp_files` removes (the generation runner calls it when it opens a cache folder). The writer's
+process id in the name lets several processes share a folder (sharded generation): a temporary file whose writer
+is still alive on this machine is in flight and is left alone.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True
         raise ValueError(f"atomic_open only writes whole files; mode must start with 'w', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent)
     try:
         kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
         with os.fdopen(fd, mode, **kwargs) as fh:
@@ -82,13 +84,31 @@ def atomic_save_npz(path: str | os.PathLike, **arrays) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process that owns temporary file ``name`` (``.<name>.tmp-<pid>-...``) is still running here."""
+    pid = name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == 0:
+        return False
+    if int(pid) == os.getpid():
+        return True  # our own write in flight (another thread)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def clean_stale_temp_files(folder: str | os.PathLike) -> int:
-    """Remove temporary files left by writers that were killed mid-write in ``folder`` (not recursive)."""
+    """Remove temporary files left by writers that were killed mid-write in ``folder`` (not recursive).
+
+    Files whose writer process is still alive on this machine are in flight and are kept."""
     folder = Path(folder)
     n = 0
     if folder.is_dir():
         for p in folder.iterdir():
-            if p.is_file() and p.name.startswith(".") and TMP_MARK in p.name:
+            if p.is_file() and p.name.startswith(".") and TMP_MARK in p.name and not _writer_alive(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     n += 1

@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from dgq_utils.model.attention import DGQAttnProcessor
-from dgq_utils.model.loading import (FAMILY_SAMPLER_DEFAULTS, UnsupportedPipeline, load_pipeline, model_family,
-                                     pipeline_class_name)
-from dgq_utils.quantize.pipeline import dequantize_pipeline, get_quant_state, quantize_pipeline
+from dgq_utils.model.loading import (
+    FAMILY_SAMPLER_DEFAULTS,
+    UnsupportedPipeline,
+    load_pipeline,
+    model_family,
+    pipeline_class_name,
+)
+from dgq_utils.quantize.pipeline import (
+    dequantize_pipeline,
+    get_quant_state,
+    quantize_pipeline,
+)
 from dgq_utils.quantize.state import load_quant_state, save_quant_state
 from dgq_utils.testing.families import build_tiny_sd2_pipeline, build_tiny_sdxl_pipeline
 from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline

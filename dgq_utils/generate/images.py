@@ -27,13 +27,22 @@ Manifest (JSON lines, one record per image; also returned as a pandas DataFrame)
 ``negative_prompt``, ``batch_size``, ``prompt_index``, ``prompt``, ``seed``, ``image_seed``, ``file``
 (relative to the cache folder), ``sha256``, ``bytes``.
 
-While a run is in progress, each finished batch's records go to ``manifest.parts/<n>.jsonl`` (one atomic file
-per batch — appending to one big file would not be atomic, and rewriting it per batch is quadratic for 30k
+While a run is in progress, each finished batch's records go to ``manifest.parts/<n>-<pid>.jsonl`` (one atomic
+file per batch — appending to one big file would not be atomic, and rewriting it per batch is quadratic for 30k
 images); at the end they are merged into ``manifest.jsonl`` (atomically) and the parts are removed. A reader
 always merges both, so any kill point leaves a consistent state.
+
+**Several processes may share a cache folder** (generation sharded over ranks, :mod:`dgq_utils.generate.
+sharding`): part files carry the writer's pid so two writers never pick the same name, and merging the parts
+(``consolidate``, exclusive) and reading them (shared) hold an ``fcntl`` lock on ``<folder>/.lock``, so a
+merge never drops a part another process wrote meanwhile. (Locks and pids are per machine: share a cache folder
+between processes of one host, as ``accelerate launch`` on one node does.)
+
+**Device and dtype are part of the cache key**: CPU- and GPU-made images, or float32 and float16 ones, never mix.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -159,10 +168,18 @@ def _scheduler_identity(pipe) -> dict:
     return {"class": type(pipe.scheduler).__name__, "config": cfg}
 
 
-def cache_key(model_id: str, settings: SamplerSettings, recipe_hash: str, scheduler: dict | None = None) -> str:
-    """16 hex digits identifying (model, sampler settings, scheduler, recipe hash)."""
+def runtime_identity(pipe) -> dict:
+    """Where and in what precision the UNet runs (``{"device": "cpu"|"cuda"|..., "dtype": "torch.float32"}``):
+    part of the cache key, since the same model makes different pixels on another device or dtype."""
+    unet = pipe.unet
+    return {"device": unet.device.type, "dtype": str(unet.dtype)}
+
+
+def cache_key(model_id: str, settings: SamplerSettings, recipe_hash: str, scheduler: dict | None = None,
+              runtime: dict | None = None) -> str:
+    """16 hex digits identifying (model, sampler settings, scheduler, recipe hash, device and dtype)."""
     blob = json.dumps({"model": model_id, "settings": asdict(settings), "scheduler": scheduler or {},
-                       "recipe": recipe_hash}, sort_keys=True, default=str)
+                       "recipe": recipe_hash, "runtime": runtime or {}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -222,15 +239,34 @@ class ImageCache:
                 continue  # a damaged line: its image will be regenerated
         return out
 
-    def records(self) -> dict[tuple, dict]:
-        """All records (consolidated manifest + parts), last one wins per image key."""
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool):
+        """An ``fcntl`` lock on ``<folder>/.lock`` (shared for readers, exclusive for the merge); a no-op where
+        ``fcntl`` does not exist."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: single-process use only
+            yield
+            return
+        with open(self.folder / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _records(self, parts: list[Path]) -> dict[tuple, dict]:
         recs: dict[tuple, dict] = {}
-        sources = [self.manifest_path] if self.manifest_path.exists() else []
-        sources += sorted(self.parts.glob("*.jsonl"))
+        sources = ([self.manifest_path] if self.manifest_path.exists() else []) + parts
         for src in sources:
             for rec in self._read_jsonl(src):
                 recs[self.record_key(rec)] = rec
         return recs
+
+    def records(self) -> dict[tuple, dict]:
+        """All records (consolidated manifest + parts), last one wins per image key."""
+        with self._locked(exclusive=False):
+            return self._records(sorted(self.parts.glob("*.jsonl")))
 
     def is_valid(self, rec: dict, verify: str = "sha") -> bool:
         """Whether ``rec``'s file exists and matches it (``sha``: SHA-256; ``size``: byte count only;
@@ -255,19 +291,22 @@ class ImageCache:
         return True
 
     def write_part(self, records: list[dict]) -> None:
-        existing = [int(p.stem) for p in self.parts.glob("*.jsonl") if p.stem.isdigit()]
-        n = max(existing, default=-1) + 1
-        atomic_write_text(self.parts / f"{n:08d}.jsonl",
+        """One batch's records as a new part file (``<n>-<pid>.jsonl``: unique even with concurrent writers)."""
+        stems = [p.stem.split("-", 1)[0] for p in self.parts.glob("*.jsonl")]
+        n = max((int(s) for s in stems if s.isdigit()), default=-1) + 1
+        atomic_write_text(self.parts / f"{n:08d}-{os.getpid()}.jsonl",
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def consolidate(self) -> None:
-        """Merge parts into ``manifest.jsonl`` (sorted, one line per image), atomically; then drop the parts."""
-        recs = self.records()
-        lines = [json.dumps(recs[k], sort_keys=True) + "\n" for k in sorted(recs)]
-        parts = list(self.parts.glob("*.jsonl"))
-        atomic_write_text(self.manifest_path, "".join(lines))
-        for p in parts:
-            p.unlink(missing_ok=True)
+        """Merge parts into ``manifest.jsonl`` (sorted, one line per image), atomically; then drop the parts that
+        were merged (a part written meanwhile by another process stays for the next merge)."""
+        with self._locked(exclusive=True):
+            parts = sorted(self.parts.glob("*.jsonl"))
+            recs = self._records(parts)
+            lines = [json.dumps(recs[k], sort_keys=True) + "\n" for k in sorted(recs)]
+            atomic_write_text(self.manifest_path, "".join(lines))
+            for p in parts:
+                p.unlink(missing_ok=True)
 
     def manifest(self) -> pd.DataFrame:
         recs = self.records()
@@ -324,9 +363,10 @@ def open_cache(pipe, cache_root: str | os.PathLike, *, recipe: Any = None, model
     name, rhash, rdict = describe_recipe(recipe)
     mid = model_identity(pipe, model_id)
     sched = _scheduler_identity(pipe)
-    key = cache_key(mid, settings, rhash, sched)
+    runtime = runtime_identity(pipe)
+    key = cache_key(mid, settings, rhash, sched, runtime)
     meta = {"key": key, "model_id": mid, "recipe_name": name, "recipe_hash": rhash, "recipe": rdict,
-            "settings": asdict(settings), "scheduler": sched}
+            "settings": asdict(settings), "scheduler": sched, "runtime": runtime}
     return ImageCache(Path(cache_root) / f"{_safe(name)}-{key}", meta)
 
 

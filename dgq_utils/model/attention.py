@@ -55,21 +55,44 @@ a few per million, which then land on the neighbouring level) and, at 8 bits, fo
 (one buffer per device, the size of the largest probability tensor seen; :func:`release_workspace` frees it;
 not thread-safe).
 
-Memory: the probabilities are materialised, ``B * heads * Nq * Nk`` float32 values (SD v1.4 at 512 px,
+Fused path (CUDA): with Triton installed, inference calls whose probability quantizer quantizes (``"quant"``,
+``"observe_quant"``, ``"init"``) go to :func:`dgq_utils.kernels.quant_attention` (two Triton passes, no
+``Nq x Nk`` tensor: row statistics give the per-prompt / batch scale, the second pass quantizes ``P`` in registers
+and multiplies by ``V``); calls without an active probability quantizer, or observing only, go to
+``torch.nn.functional.scaled_dot_product_attention``. The calibration modes take the max they record (observed
+max, static scale) from the row statistics: equal to the materialised max up to float rounding (~1e-6 relative). It agrees with the
+reference below within the tolerance stated in :mod:`dgq_utils.kernels.quant_attention` (a ~1e-5 fraction of
+levels may flip at a level boundary; fp16/bf16 rounding of the output). Everything the kernel does not cover
+(autograd, recording attention statistics, masks, ...) and every CPU call take the reference; ``backend="reference"``
+or ``DGQ_ATTENTION_BACKEND=reference`` forces it. The rest of this docstring describes the reference.
+
+Memory (reference path): the probabilities are materialised, ``B * heads * Nq * Nk`` float32 values (SD v1.4 at 512 px,
 self-attention at 64x64: 0.5 GiB per sample and head group of 8). For the per-sample scales (``per_prompt``,
 ``static``, or no probability quantizer) the batch is processed in chunks of at most
 ``max_prob_elements`` probabilities (default 2^28 = 1 GiB); the ``"batch"`` scale needs the whole batch at once.
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from torch import Tensor, nn
 
 from dgq_utils.core.quantizers import SCALE_FLOOR, fake_quant_log2, fake_quant_uniform
 from dgq_utils.core.stats import AttentionStats
+from dgq_utils.kernels import ProbQuantSpec, quant_attention, row_statistics, unsupported_reason
 from dgq_utils.model.timesteps import TimestepState
 
-__all__ = ["DGQAttnProcessor", "ProbQuantizer", "release_workspace", "attention_prologue", "attention_epilogue"]
+__all__ = ["DGQAttnProcessor", "ProbQuantizer", "release_workspace", "attention_prologue", "attention_epilogue",
+           "BACKEND_ENV", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+#: Environment variable that overrides every processor's ``backend`` (e.g. ``DGQ_ATTENTION_BACKEND=reference`` to
+#: debug the fused kernel against the materialising path).
+BACKEND_ENV = "DGQ_ATTENTION_BACKEND"
+BACKENDS = ("auto", "reference", "fused")
+_LOGGED_FALLBACKS: set[tuple[str, str]] = set()  # (processor name, reason) already logged
 
 _WORKSPACE: dict[torch.device, Tensor] = {}
 _INPLACE_SOFTMAX_OK: dict[str, bool] = {}  # device type -> the in-place ATen softmax was checked and is exact
@@ -196,15 +219,27 @@ class ProbQuantizer(nn.Module):
         mode = self.mode
         if mode == "off":
             return p
-        if mode in ("observe", "observe_quant"):
-            m = float(self._rest(p).amax())
-            i = self.state.set_index
-            self.observed_max[i] = max(self.observed_max.get(i, 0.0), m)
-            if mode == "observe":
-                return p
-        if mode == "init" and self.scale_mode == "static" and self.state.set_index not in self.static:
-            self.static[self.state.set_index] = self._rest(p).amax().detach().float()
+        if self.needs_max():
+            self.note_max(self._rest(p).amax())
+        if mode == "observe":
+            return p
         return self.quantize(p)
+
+    def needs_max(self) -> bool:
+        """Whether this call's mode records the max of the probabilities (``<start>`` column excluded where it
+        is kept FP): ``observe`` / ``observe_quant``, and ``init`` for a static scale not yet set."""
+        mode = self.mode
+        return mode in ("observe", "observe_quant") or (
+            mode == "init" and self.scale_mode == "static" and self.state.set_index not in self.static)
+
+    def note_max(self, m: Tensor) -> None:
+        """Record the 0-d max ``m`` as the mode asks (see :meth:`needs_max`); the fused attention passes the max
+        of its row statistics here instead of materialising the probabilities."""
+        i = self.state.set_index
+        if self.mode in ("observe", "observe_quant"):
+            self.observed_max[i] = max(self.observed_max.get(i, 0.0), float(m))
+        elif self.mode == "init" and self.scale_mode == "static" and i not in self.static:
+            self.static[i] = m.detach().float()
 
     def max_of(self, p: Tensor) -> Tensor:
         """The scale (maximum) the quantizer uses for ``p`` under the current mode and set."""
@@ -212,14 +247,22 @@ class ProbQuantizer(nn.Module):
             return self._rest(p).amax(dim=(1, 2, 3), keepdim=True)
         if self.scale_mode == "batch":
             return self._rest(p).amax()
+        return self.static_max(p.device)
+
+    def static_max(self, device: torch.device) -> Tensor:
+        """The calibrated 0-d maximum of the current timestep set, on ``device`` (moved there once)."""
         i = self.state.set_index
         m = self.static.get(i)
         if m is None:
             raise RuntimeError(f"{self.name}: no static softmax scale for timestep set {i} (calibrated: "
                                f"{sorted(self.static)}).")
-        if m.device != p.device:
-            m = self.static[i] = m.to(p.device)
+        if m.device != device:
+            m = self.static[i] = m.to(device)
         return m
+
+    def kernel_spec(self) -> ProbQuantSpec:
+        """This quantizer as the fused kernel's :class:`~dgq_utils.kernels.ProbQuantSpec`."""
+        return ProbQuantSpec(self.quantizer, self.bits, self.scale_mode, self.keep_start, self.zero_level)
 
     def forward_(self, p: Tensor) -> Tensor:
         """In-place version of :meth:`forward` for inference (``p`` is overwritten and returned)."""
@@ -296,14 +339,30 @@ class DGQAttnProcessor(nn.Module):
         q_quant, k_quant, v_quant: :class:`~dgq_utils.model.layers.ActQuantizer` (layout ``"qkv"``) or ``None``.
         prob_quant: :class:`ProbQuantizer` or ``None``.
         key_start_fp: key token 0 bypasses ``k_quant``. value_start_fp: value token 0 bypasses ``v_quant``.
+        backend: ``"auto"`` (default) -- on CUDA with Triton, inference calls take the fused path, which never
+            materialises the probabilities: :func:`dgq_utils.kernels.quant_attention` when the probability
+            quantizer is in ``"quant"``, ``"observe_quant"`` or ``"init"`` mode, PyTorch's
+            ``scaled_dot_product_attention`` when it is absent, off or ``"observe"`` (the calibration modes read
+            the max of P from the kernel's row statistics). Everything else (CPU, autograd, recording attention
+            statistics, attention masks, head dims > 256, ...) takes the reference below, and on CUDA the reason
+            is logged once per processor. ``"reference"``: always the reference. ``"fused"``: the fused path
+            wherever the kernel can run, also on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``;
+            tests). The environment variable ``DGQ_ATTENTION_BACKEND`` (``auto`` / ``reference`` / ``fused``)
+            overrides it. ``last_path`` records which path the last call took (``"fused"``, ``"sdpa"`` or
+            ``"reference"``).
     """
 
     def __init__(self, name: str, kind: str, original, *, state: TimestepState | None = None,
                  q_quant=None, k_quant=None, v_quant=None, prob_quant: ProbQuantizer | None = None,
-                 key_start_fp: bool = False, value_start_fp: bool = False, max_prob_elements: int = 2**28):
+                 key_start_fp: bool = False, value_start_fp: bool = False, max_prob_elements: int = 2**28,
+                 backend: str = "auto"):
         super().__init__()
         if kind not in ("self", "cross"):
             raise ValueError(f"kind must be 'self' or 'cross'; got {kind!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+        self.backend = backend
+        self.last_path: str | None = None
         self.name = name
         self.kind = kind
         self._original = (original,)  # tuple: never registered as a submodule
@@ -378,7 +437,32 @@ class DGQAttnProcessor(nn.Module):
         hidden_states = hidden_states.to(query.dtype)
         return attention_epilogue(attn, hidden_states, residual, spatial)
 
+    def fused_unavailable(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> str | None:
+        """``None`` if this call can take the fused path, else why not (see ``backend`` in the class doc)."""
+        backend = os.environ.get(BACKEND_ENV) or self.backend
+        if backend not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}; got {backend!r}.")
+        if backend == "reference":
+            return "backend 'reference' asked for"
+        if backend == "auto" and query.device.type != "cuda":
+            return "not on CUDA"
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            return "autograd is active"
+        if self.record_attention:
+            return "recording attention statistics"
+        pq = self.prob_quant
+        if pq is not None and pq.mode not in ("off", "quant", "observe", "observe_quant", "init"):
+            return f"probability quantizer in mode {pq.mode!r}"
+        return unsupported_reason(query, key, value, mask)
+
     def _attend(self, attn, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
+        reason = self.fused_unavailable(query, key, value, mask)
+        if reason is None:
+            return self._attend_fused(attn, query, key, value)
+        self.last_path = "reference"
+        if reason != "not on CUDA" and (self.name, reason) not in _LOGGED_FALLBACKS:
+            _LOGGED_FALLBACKS.add((self.name, reason))
+            logger.info("%s: reference attention (materialised probabilities): %s.", self.name, reason)
         b, h, nq, _ = query.shape
         nk = key.shape[2]
         pq = self.prob_quant
@@ -393,6 +477,24 @@ class DGQAttnProcessor(nn.Module):
             outs.append(self._attend_chunk(attn, query[s : s + chunk], key[s : s + chunk],
                                            value[s : s + chunk], m))
         return torch.cat(outs, dim=0)
+
+    def _attend_fused(self, attn, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        pq = self.prob_quant
+        if pq is None or pq.mode == "off":
+            # unquantized softmax: PyTorch's fused attention (float32 softmax inside, like the reference)
+            self.last_path = "sdpa"
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        spec = pq.kernel_spec()
+        stats = None
+        if pq.needs_max():  # calibration modes: the max of P from the row statistics, no N x N tensor
+            stats = row_statistics(query, key, attn.scale, spec.keep_start)
+            pq.note_max(stats[2].amax())
+        if pq.mode == "observe":  # the probabilities pass unquantized
+            self.last_path = "sdpa"
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        self.last_path = "fused"
+        static = pq.static_max(query.device) if spec.scale == "static" else None
+        return quant_attention(query, key, value, attn.scale, spec, static, row_stats=stats)
 
     def _attend_chunk(self, attn, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):

@@ -83,8 +83,12 @@ def build_tiny_sd2_pipeline(seed: int = 0, *, prediction_type: str = "v_predicti
 def build_tiny_sdxl_pipeline(seed: int = 0, *, turbo: bool = False, sample_size: int = 8,
                              dtype: torch.dtype = torch.float32):
     """A tiny SDXL-like (``turbo=True``: SDXL-Turbo-like) ``StableDiffusionXLPipeline``; 32x32 images."""
-    from diffusers import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_tiny_tokenizer()
