@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dgq_utils.core.quantizers import fake_quant_uniform, uniform_qparams  # noqa: E402
-from dgq_utils.kernels.fake_quant import ParamStack, fake_quant_uniform_fused  # noqa: E402
+from dgq_utils.core.quantizers import fake_quant_uniform, uniform_qparams
+from dgq_utils.kernels.fake_quant import ParamStack, fake_quant_uniform_fused
 
 CASES = [  # (what, input shape, channel dim, pixel dims, pixel-wise set?)
     ("linear (16, 4096, 320) channel", (16, 4096, 320), 2, (1,), False),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -47,12 +46,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dgq_utils.atomic import atomic_write_text  # noqa: E402
+from dgq_utils.atomic import atomic_write_text
 
 try:  # the package is being regrouped into stage subpackages; accept both layouts
-    from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline  # noqa: E402
+    from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
 except ImportError:  # pragma: no cover - old layout
-    from dgq_utils.pipeline import dequantize_pipeline, quantize_pipeline  # noqa: E402
+    from dgq_utils.pipeline import dequantize_pipeline, quantize_pipeline
 
 #: SD v1.5's UNet configuration (the values of its ``unet/config.json`` that differ from diffusers' defaults or
 #: define the architecture); 859.5 M parameters.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgq_utils.model.timesteps import TimestepState, _HostTimesteps, _timestep_value  # noqa: F401
+from dgq_utils.model.timesteps import TimestepState, _HostTimesteps, _timestep_value
 from dgq_utils.quantize.pipeline import quantize_pipeline
 
 STEPS = 4

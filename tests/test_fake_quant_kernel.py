@@ -13,8 +13,12 @@ from hypothesis import strategies as hs
 
 from dgq_utils.core.quantizers import fake_quant_uniform, uniform_qparams
 from dgq_utils.core.stats import axes_for
-from dgq_utils.kernels.fake_quant import (ParamStack, available, fake_quant_stacked_reference,
-                                          fake_quant_uniform_fused)
+from dgq_utils.kernels.fake_quant import (
+    ParamStack,
+    available,
+    fake_quant_stacked_reference,
+    fake_quant_uniform_fused,
+)
 
 LAYOUT_SHAPES = {"linear": (2, 6, 5), "linear2d": (3, 7), "conv": (2, 3, 4, 5), "unfold": (2, 6, 7),
                  "qkv": (2, 3, 6, 4)}

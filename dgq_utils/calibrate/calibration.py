@@ -64,7 +64,7 @@ from dgq_utils.model.layers import ActQuantizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "finalize_act_quantizer", "needs_calibration", "CalibrationNotes"]
+__all__ = ["CalibrationNotes", "calibrate", "finalize_act_quantizer", "needs_calibration"]
 
 
 class CalibrationNotes(list):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -14,12 +14,12 @@ from torch import Tensor
 from dgq_utils.core.grouping import AxisStats
 
 __all__ = [
-    "TensorStats",
+    "LOG2_HIST_EDGES",
     "AttentionStats",
+    "TensorStats",
     "axes_for",
     "check_finite",
     "stats_to_host",
-    "LOG2_HIST_EDGES",
 ]
 
 #: Bin edges of the log2-probability histograms: (-inf, -30], (-30, -29], ..., (-1, 0].

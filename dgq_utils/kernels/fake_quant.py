@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["available", "ParamStack", "fake_quant_uniform_fused", "fake_quant_stacked_reference"]
+__all__ = ["ParamStack", "available", "fake_quant_stacked_reference", "fake_quant_uniform_fused"]
 
 try:  # pragma: no cover - depends on the installation
     import triton
@@ -67,8 +67,8 @@ class ParamStack:
     def num_sets(self) -> int:
         return int(self.chan_scale.shape[0])
 
-    def to(self, device) -> "ParamStack":
-        mv = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    def to(self, device) -> ParamStack:
+        mv = (lambda t: None if t is None else t.to(device))
         return ParamStack(mv(self.chan_scale), mv(self.chan_zp), mv(self.pix_scale), mv(self.pix_zp),
                           self.channel_dim, self.pixel_dims, self.valid.to(device))
 
@@ -91,7 +91,7 @@ class ParamStack:
 
     @classmethod
     def from_sets(cls, sets: dict[int, tuple[Tensor, Tensor]], channel_dim: int,
-                  pixel_dims: tuple[int, ...]) -> "ParamStack":
+                  pixel_dims: tuple[int, ...]) -> ParamStack:
         """Stack ``sets[i] = (scale, zero_point)``, each broadcast-shaped onto the input (per tensor, channel-wise
         along ``channel_dim`` or pixel-wise along ``pixel_dims``). A vector the sets never need is length 1."""
         if not sets:

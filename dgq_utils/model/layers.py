@@ -57,7 +57,7 @@ from dgq_utils.core.stats import TensorStats, axes_for
 from dgq_utils.kernels import fake_quant as fused
 from dgq_utils.model.timesteps import TimestepState
 
-__all__ = ["ActQuantizer", "QuantLinear", "QuantConv2d", "QUANT_MODES", "LAYER_MODES"]
+__all__ = ["LAYER_MODES", "QUANT_MODES", "ActQuantizer", "QuantConv2d", "QuantLinear"]
 
 QUANT_MODES = ("off", "observe", "quant", "init", "observe_quant")
 LAYER_MODES = QUANT_MODES
@@ -165,7 +165,7 @@ class ActQuantizer(nn.Module):
             f"{sorted(self.params)}). Was the pipeline calibrated with this sampler / number of steps?"
         )
 
-    def _stacked(self, device: torch.device) -> "fused.ParamStack | None":
+    def _stacked(self, device: torch.device) -> fused.ParamStack | None:
         """The parameter sets stacked on ``device`` (cached; rebuilt when the sets change). ``None`` when there
         are none or they cannot be stacked (then the reference path is used)."""
         params = self.params

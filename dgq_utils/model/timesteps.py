@@ -59,7 +59,7 @@ class TimestepState:
     the set from it, so the host never waits and a compiled graph does not specialise (recompile) on the set.
     """
 
-    __slots__ = ("_set_index", "call_index", "t", "_index_tensors")
+    __slots__ = ("_index_tensors", "_set_index", "call_index", "t")
 
     def __init__(self, set_index: int = 0, call_index: int = -1, t: float | None = None):
         self._index_tensors: dict[torch.device, torch.Tensor] = {}
@@ -97,7 +97,7 @@ class TimestepState:
     __hash__ = None
 
 
-def _timestep_value(t, known: "_HostTimesteps | None" = None) -> float:
+def _timestep_value(t, known: _HostTimesteps | None = None) -> float:
     """A Python float from the UNet's ``timestep`` argument (number, 0-d or 1-d tensor with equal entries).
 
     ``known``: the host copy of the scheduler's timesteps; a ``t`` that is a view into them (what a pipeline
@@ -177,7 +177,7 @@ class TimestepController:
         self.calibration_generations = 0
 
     # -- wiring ------------------------------------------------------------------------------------------------
-    def install(self, unet, pipe=None) -> "TimestepController":
+    def install(self, unet, pipe=None) -> TimestepController:
         """Register the pre-hook on ``unet``; ``pipe`` (optional, held weakly) provides the scheduler."""
         self._pipe_ref = weakref.ref(pipe) if pipe is not None else None
         self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -217,7 +217,7 @@ class TimestepController:
         pipe = self._pipe_ref() if self._pipe_ref is not None else None
         return getattr(pipe, "scheduler", None) if pipe is not None else None
 
-    def _host_timesteps(self) -> "_HostTimesteps | None":
+    def _host_timesteps(self) -> _HostTimesteps | None:
         """The host copy of the current ``scheduler.timesteps`` (re-made when the tensor changes)."""
         sched = self._scheduler()
         ts = getattr(sched, "timesteps", None) if sched is not None else None
@@ -244,7 +244,7 @@ class TimestepController:
     @torch.compiler.disable
     def _hook(self, module, args, kwargs):
         if self._inside_callback:
-            return None
+            return
         if len(args) > 1:
             t_arg = args[1]
         elif "timestep" in kwargs:
@@ -265,7 +265,7 @@ class TimestepController:
                 self.callback(module, args, kwargs)
             finally:
                 self._inside_callback = False
-        return None
+        return
 
     # -- mapping -----------------------------------------------------------------------------------------------
     def _set_index(self, i: int, t: float) -> int:
