@@ -361,6 +361,7 @@ def bench_variant(run: Run, pipe, tag: str, slot: dict):
                                                                  a.step_calls))
     slot["generation_s"] = run.section(f"{tag} {a.steps}-step generation batch {a.gen_batch}",
                                        lambda: time_generation(pipe, a.gen_batch, a.steps))
+    run.save()
 
 
 def bench_compiled(run: Run, pipe, tag: str, slot: dict):
@@ -386,6 +387,7 @@ def bench_compiled(run: Run, pipe, tag: str, slot: dict):
         return info
 
     slot["compiled"] = run.section(f"{tag} torch.compile", comp, need_s=a.compile_need_s)
+    run.save()
 
 
 def run_all(args) -> dict:
@@ -433,6 +435,7 @@ def run_all(args) -> dict:
         if name == args.profile_preset:
             run.res["profile"][name] = run.section(f"{name} profile", lambda: profile_step(pipe, max(args.batches),
                                                                                            args.steps))
+            run.save()
         for n in cal_sizes[1:]:
             if name not in args.calib_presets:
                 break
