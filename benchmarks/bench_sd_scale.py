@@ -451,7 +451,8 @@ def run_all(args) -> dict:
         release_attention_workspace()
         run.save()
     if args.compile:
-        bench_compiled(run, pipe, "fp", fp)
+        if args.fp_compile:
+            bench_compiled(run, pipe, "fp", fp)
         for name in args.compile_presets:
             if name not in states:
                 continue
@@ -636,6 +637,8 @@ def parse_args(argv=None):
                    help="presets calibrated at every --calib-prompts size (the others at the smallest only)")
     p.add_argument("--calib-batch", type=int, default=8)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-fp-compile", dest="fp_compile", action="store_false",
+                   help="compile only the presets (when the device time is short; FP compiled from another run)")
     p.add_argument("--compile-presets", nargs="+", default=list(PRESETS))
     p.add_argument("--compile-batches", nargs="+", type=int, default=None,
                    help="batches timed compiled (default: the largest of --batches; each shape compiles anew)")
