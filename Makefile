@@ -1,14 +1,15 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make report   # the main job: the notebook chain on the embedded default model
 #   make test     # the test suite (fast tests; `make test-slow` adds the slow ones)
-# Both create/update the virtual environment in .venv first.
+# Both create/update the virtual environment in .venv first. `make lab` opens the notebooks in JupyterLab to
+# explore them (the widgets of 01 and 03).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dgq-installed
 
-.PHONY: env test test-slow report report-quick demo bench clean
+.PHONY: env test test-slow report report-quick lab demo bench clean
 
 env: $(STAMP)
 
@@ -31,6 +32,10 @@ report: $(STAMP)
 
 report-quick: $(STAMP)
 	$(PY) -m dgq_utils.report --quick $(ARGS)
+
+# JupyterLab on the notebooks folder (the venv's kernel; extra options via ARGS, e.g. ARGS=--no-browser)
+lab: $(STAMP)
+	$(PY) -m jupyterlab --ServerApp.root_dir=notebooks $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m dgq_utils.demo

@@ -60,9 +60,9 @@ def main() -> int:
     from tqdm import tqdm
 
     from dgq_utils.atomic import atomic_write_json, atomic_write_text
-    from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer, release_workspace
     from dgq_utils.kernels import ProbQuantSpec, quant_attention
     from dgq_utils.kernels.quant_attention import default_config
+    from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer, release_workspace
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device (the fused kernel runs on CUDA).")
@@ -70,16 +70,20 @@ def main() -> int:
     dev = torch.device("cuda")
     torch.manual_seed(0)
 
-    def bench(fn, before=lambda: None):
-        fn()  # compile / warm
+    def bench(fn, *args, before=lambda: None, **kwargs):
+        """(median ms, peak MiB on top of the inputs) of ``fn(*args, **kwargs)``."""
+        def call():
+            return fn(*args, **kwargs)
+
+        call()  # compile / warm
         torch.cuda.synchronize()
         before()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
+        call()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        ms = triton.testing.do_bench(fn, warmup=25, rep=a.rep_ms, return_mode="median")
+        ms = triton.testing.do_bench(call, warmup=25, rep=a.rep_ms, return_mode="median")
         return float(ms), peak / 2**20
 
     def rel_l2(x, y):
@@ -98,13 +102,13 @@ def main() -> int:
             q = torch.randn(a.batch, n, HEADS, d, device=dev, dtype=dtype).transpose(1, 2)
             k = torch.randn(a.batch, nk, HEADS, d, device=dev, dtype=dtype).transpose(1, 2)
             v = torch.randn(a.batch, nk, HEADS, d, device=dev, dtype=dtype).transpose(1, 2)
-            sdpa_ms, sdpa_mb = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-            fused_ms, fused_mb = bench(lambda: quant_attention(q, k, v, d**-0.5, spec))
+            sdpa_ms, sdpa_mb = bench(torch.nn.functional.scaled_dot_product_attention, q, k, v)
+            fused_ms, fused_mb = bench(quant_attention, q, k, v, d**-0.5, spec)
             sweep = {}
             if a.sweep:
                 for cfg in SWEEP.get(dtype == torch.float32, {}).get(max(64, 1 << (d - 1).bit_length()), []):
                     try:
-                        sweep[str(cfg)] = bench(lambda: quant_attention(q, k, v, d**-0.5, spec, launch=cfg))[0]
+                        sweep[str(cfg)] = bench(quant_attention, q, k, v, d**-0.5, spec, launch=cfg)[0]
                     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record and go on
                         sweep[str(cfg)] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
                 print(f"{level} {kind} default {default_config(d, dtype, nk)}: {fused_ms:.3f} ms; sweep {sweep}")
@@ -120,11 +124,11 @@ def main() -> int:
                 pq.mode = "quant"
                 procs[backend] = DGQAttnProcessor(f"{level}.{kind}", kind, None, prob_quant=pq, backend=backend)
             plain = AttnProcessor2_0()
-            p_ms, p_mb = bench(lambda: plain(attn, x, ctx))
-            f_ms, f_mb = bench(lambda: procs["auto"](attn, x, ctx))
+            p_ms, p_mb = bench(plain, attn, x, ctx)
+            f_ms, f_mb = bench(procs["auto"], attn, x, ctx)
             assert procs["auto"].last_path == "fused", procs["auto"].last_path
 
-            r_ms, r_mb = bench(lambda: procs["reference"](attn, x, ctx), before=release_workspace)
+            r_ms, r_mb = bench(procs["reference"], attn, x, ctx, before=release_workspace)
             err = rel_l2(procs["auto"](attn, x, ctx), procs["reference"](attn, x, ctx))
             release_workspace()
             rows.append(dict(level=level, kind=kind, count=count, n_query=n, n_key=nk, head_dim=d,

@@ -105,8 +105,8 @@ def main() -> int:
         generate_images(pipe, prompts[:1], [99], Path(tmp) / "warm", model_id=mid, settings=settings, progress=False)
         fp_batches = timed_generation(None, Path(tmp) / "fp")
         t0 = time.perf_counter()
-        quantize_pipeline(pipe, a.recipe, calib, num_inference_steps=a.steps, guidance_scale=7.5, height=res.height,
-                          width=res.width, batch_size=min(a.batch_size, len(calib)), progress=False)
+        quantize_pipeline(pipe, a.recipe, calib, res.replace(batch_size=min(a.batch_size, len(calib))),
+                          progress=False)
         out["calibration_seconds"] = round(time.perf_counter() - t0, 3)
         out["n_calibration"] = len(calib)
         q_batches = timed_generation(a.recipe, Path(tmp) / "q")

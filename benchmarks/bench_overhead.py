@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from dgq_utils.atomic import atomic_write_text  # noqa: E402
 from dgq_utils.model.loading import load_pipeline  # noqa: E402
+from dgq_utils.config import SamplerSettings  # noqa: E402
 from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline, set_quantization_enabled
 from dgq_utils.quantize.state import load_quant_state, save_quant_state
 from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline  # noqa: E402
@@ -114,7 +115,8 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     report = quantize_pipeline(pipe, args.recipe, list(TINY_PROMPTS[: args.calib_prompts]),
-                               num_inference_steps=args.steps, batch_size=args.calib_prompts, progress=False)
+                               SamplerSettings(num_inference_steps=args.steps, batch_size=args.calib_prompts),
+                               progress=False)
     quantize_s = time.perf_counter() - t0
     state_file = Path(tempfile.mkdtemp(prefix="dgq_bench_")) / "state.safetensors"
     save_quant_state(pipe, state_file)

@@ -90,8 +90,9 @@ def run(args) -> dict:
         t = time.perf_counter()
         if recipe != "fp":
             quantize_once(pipe, recipe, calib, out / f"state-{recipe}{'-tiny' if args.tiny else ''}.safetensors",
-                          shard=shard, num_inference_steps=steps, guidance_scale=7.5, progress=shard.is_main,
-                          batch_size=min(8, args.batch_size))
+                          shard=shard, progress=shard.is_main,
+                          sampler=SamplerSettings(num_inference_steps=steps, guidance_scale=7.5,
+                                                  batch_size=min(8, args.batch_size)))
         shard.barrier()
         calib_s = time.perf_counter() - t
         t = time.perf_counter()

@@ -47,6 +47,10 @@ _API = {
     "run_paper_protocol": "dgq_utils.evaluate.protocol",
     # report
     "run_chain": "dgq_utils.report.chain",
+    # errors and warnings a caller may want to catch or filter
+    "InvalidArgumentError": "dgq_utils.config.validation",
+    "QuantStateError": "dgq_utils.quantize.state",
+    "UnknownWordsWarning": "dgq_utils.model.tokenizer",
 }
 
 __all__ = sorted(_API)

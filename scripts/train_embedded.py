@@ -138,6 +138,20 @@ def fp16_copy(module):
     return module
 
 
+def record_float32_load_dtype(text_encoder_dir: Path) -> None:
+    """Store fp16 weights but declare float32 as the text encoder's load dtype.
+
+    transformers 5 loads a model in the ``dtype`` its config.json records, diffusers loads the UNet and VAE in
+    float32 whatever the file holds: with ``"dtype": "float16"`` a plain ``DiffusionPipeline.from_pretrained``
+    mixes half and float modules and crashes at the first matmul. Recording float32 keeps the files small
+    (fp16 on disk) and makes every component load in float32 by default.
+    """
+    cfg_path = text_encoder_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def main():
     a = parse()
     dev = torch.device(a.device)
@@ -186,6 +200,7 @@ def main():
         tok.save_pretrained(out / "clip")
         te = text_encoder_from_clip(clip.float().cpu())
         te.half().save_pretrained(pipe_dir / "text_encoder", safe_serialization=True)
+        record_float32_load_dtype(pipe_dir / "text_encoder")
         record("clip", steps_done, dt, retrieval_top1_val=round(acc, 4),
                params={"text": count_params(clip.text_model), "vision": count_params(clip.vision_model),
                        "total": count_params(clip)})
@@ -240,6 +255,7 @@ def main():
                                            feature_extractor=None, requires_safety_checker=False)
             pipe.to(dtype=torch.float16)
             pipe.save_pretrained(pipe_dir, safe_serialization=True)
+            record_float32_load_dtype(pipe_dir / "text_encoder")
             info = {"phase": k, "steps": steps_done, "planned_steps": steps, "batch": a.unet_batch, "lr": lr,
                     "warmup": warmup, "seconds": round(dt, 1), "steps_per_s": round(steps_done / dt, 2),
                     "params": count_params(unet), "pool": a.unet_pool, "ema_decay": a.unet_ema, "init": init}

@@ -65,3 +65,15 @@ def psnr(a, b, peak: float | None = None) -> float:
     mse = float(((a - b) ** 2).mean())
     peak = float(b.abs().max()) if peak is None else peak
     return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+_SAMPLER_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "batch_size", "negative_prompt", "eta")
+
+
+def sampler_kw(**kw) -> dict:
+    """Sampler keywords folded into ``sampler=SamplerSettings(...)`` (the other keywords, e.g. ``seed``, pass
+    through): for tests that try bad sampler values through an entry point."""
+    from dgq_utils.config import SamplerSettings
+
+    fields = {k: kw.pop(k) for k in list(kw) if k in _SAMPLER_FIELDS}
+    return {"sampler": SamplerSettings(**fields), **kw}

@@ -11,9 +11,11 @@ import torch
 from dgq_utils import report as A
 from dgq_utils.core.grouping import AxisStats, decide_axis
 from dgq_utils.calibrate.observe import ActivationStats
+from dgq_utils.calibrate.trace import TRACE_SAMPLER
 from dgq_utils.core.stats import TensorStats
 
 STEPS = 2  # DDIM: 2 UNet calls
+SAMPLER = TRACE_SAMPLER.replace(num_inference_steps=STEPS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,13 +156,13 @@ def tiny():
 def calib_stats(tiny):
     from dgq_utils.calibrate.observe import collect_activation_stats
 
-    return collect_activation_stats(tiny, A.tiny_prompts(2, seed=1), STEPS, progress=False)
+    return collect_activation_stats(tiny, A.tiny_prompts(2, seed=1), SAMPLER, progress=False)
 
 
 def test_group_error_sweep(tiny, calib_stats):
     layers = ["down_blocks.0.resnets.0.conv1", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"]
-    sw = A.group_error_sweep(tiny, calib_stats, A.tiny_prompts(1), bits=6, ks=(1, 2, 4), layers=layers,
-                             num_inference_steps=STEPS, progress=False)
+    sw = A.group_error_sweep(tiny, calib_stats, A.tiny_prompts(1), SAMPLER, bits=6, ks=(1, 2, 4), layers=layers,
+                             progress=False)
     assert set(sw.layer) == set(layers) and set(sw.timestep_index) == {0, 1}
     base = sw[sw.axis == "tensor"]
     assert np.allclose(base.rel_mse, 1.0) and (sw.mse >= 0).all()
@@ -179,7 +181,7 @@ def test_group_error_sweep(tiny, calib_stats):
 
 
 def test_group_error_sweep_is_deterministic(tiny, calib_stats):
-    kw = dict(bits=6, ks=(1, 4), layers=["up_blocks.1.resnets.0.conv1"], num_inference_steps=STEPS, progress=False)
+    kw = dict(sampler=SAMPLER, bits=6, ks=(1, 4), layers=["up_blocks.1.resnets.0.conv1"], progress=False)
     a = A.group_error_sweep(tiny, calib_stats, A.tiny_prompts(1), **kw)
     b = A.group_error_sweep(tiny, calib_stats, A.tiny_prompts(1), **kw)
     pd.testing.assert_frame_equal(a, b)
@@ -187,13 +189,13 @@ def test_group_error_sweep_is_deterministic(tiny, calib_stats):
 
 def test_group_error_sweep_rejects_other_schedule(tiny, calib_stats):
     with pytest.raises(ValueError, match="schedule"):
-        A.group_error_sweep(tiny, calib_stats, A.tiny_prompts(1), ks=(1,), layers=["up_blocks.1.resnets.0.conv1"],
-                            num_inference_steps=STEPS + 1, progress=False)
+        A.group_error_sweep(tiny, calib_stats, A.tiny_prompts(1), SAMPLER.replace(num_inference_steps=STEPS + 1),
+                            ks=(1,), layers=["up_blocks.1.resnets.0.conv1"], progress=False)
 
 
 @pytest.fixture(scope="module")
 def capture(tiny):
-    return A.capture_attention(tiny, A.tiny_prompts(2), num_inference_steps=STEPS, batch_size=2, progress=False)
+    return A.capture_attention(tiny, A.tiny_prompts(2), SAMPLER.replace(batch_size=2), progress=False)
 
 
 def test_capture_attention(tiny, capture):
@@ -213,8 +215,7 @@ def test_capture_attention(tiny, capture):
 
 
 def test_capture_attention_size_limit(tiny):
-    cap = A.capture_attention(tiny, A.tiny_prompts(1), num_inference_steps=STEPS, max_elements_per_sample=1,
-                              progress=False)
+    cap = A.capture_attention(tiny, A.tiny_prompts(1), SAMPLER, max_elements_per_sample=1, progress=False)
     assert not cap.probs and len(cap.skipped) == len(cap.kinds)
 
 
@@ -237,7 +238,7 @@ def test_cached_quantizer_reuses_state(tiny, tmp_path):
 
     q = A.CachedQuantizer(tmp_path, "tiny-test")
     prompts = A.tiny_prompts(2, seed=5)
-    kw = dict(num_inference_steps=STEPS, progress=False)
+    kw = dict(sampler=SAMPLER, progress=False)
     gen = lambda: tiny(["a red dog near the river"], num_inference_steps=STEPS, output_type="latent",  # noqa: E731
                        generator=torch.Generator().manual_seed(0)).images
     try:

@@ -139,9 +139,10 @@ def test_per_prompt_scale_makes_samples_independent(scale, independent):
 
 def test_per_prompt_independence_in_the_pipeline(pipe, calib_prompts):
     """Whole quantized pipeline (dgq-w8a8, per-prompt softmax scale): prompt a's image does not depend on b/c."""
+    from dgq_utils.calibrate.trace import TRACE_SAMPLER
     from dgq_utils.quantize.pipeline import quantize_pipeline
 
-    quantize_pipeline(pipe, "dgq-w8a6", calib_prompts, num_inference_steps=STEPS, progress=False)
+    quantize_pipeline(pipe, "dgq-w8a6", calib_prompts, TRACE_SAMPLER.replace(num_inference_steps=STEPS), progress=False)
     a, b, c = "a blue house near a river", "a horse in the snow", "a small bird flying over the beach"
     ab = generate(pipe, [a, b])
     ac = generate(pipe, [a, c])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import STEPS, generate
+from dgq_utils.calibrate.trace import TRACE_SAMPLER
 from dgq_utils.config import get_preset
 from dgq_utils.quantize.pipeline import (
     dequantize_pipeline,
@@ -19,9 +20,9 @@ from dgq_utils.quantize.pipeline import (
 SMALL = get_preset("dgq-w8a8").replace(name="small", activations={"num_groups": 4})
 
 
-def _q(pipe, recipe, prompts, **kw):
-    kw.setdefault("num_inference_steps", STEPS)
-    return quantize_pipeline(pipe, recipe, prompts, progress=False, **kw)
+def _q(pipe, recipe, prompts, seed=0, **sampler):
+    sampler.setdefault("num_inference_steps", STEPS)
+    return quantize_pipeline(pipe, recipe, prompts, TRACE_SAMPLER.replace(**sampler), seed, progress=False)
 
 
 def test_empty_or_bad_prompt_list(pipe):
@@ -164,7 +165,7 @@ def test_collect_activation_stats_tidy_tables(pipe, fp_latents):
 
     procs = dict(pipe.unet.attn_processors)
     stats = collect_activation_stats(pipe, ["a horse in the snow", "a red car parked in the city"],
-                                     num_inference_steps=2, batch_size=1, progress=False)
+                                     TRACE_SAMPLER.replace(num_inference_steps=2, batch_size=1), progress=False)
     assert stats.timesteps == [501.0, 1.0]
     df = stats.axis_frame()
     assert list(df.columns) == ["layer", "layer_type", "timestep_index", "timestep", "axis", "index", "min", "max"]
@@ -185,7 +186,8 @@ def test_collect_activation_stats_tidy_tables(pipe, fp_latents):
     # the pipeline is left exactly as it was
     assert all(pipe.unet.attn_processors[k] is v for k, v in procs.items())
     assert torch.equal(generate(pipe), fp_latents)
-    unf = collect_activation_stats(pipe, ["a horse in the snow"], num_inference_steps=1, conv_layout="unfold",
+    unf = collect_activation_stats(pipe, ["a horse in the snow"], TRACE_SAMPLER.replace(num_inference_steps=1),
+                                   conv_layout="unfold",
                                    layers=["down_blocks.0.resnets.0.conv1"], include_qkv=False,
                                    include_attention=False, progress=False)
     assert unf.axis_stats("down_blocks.0.resnets.0.conv1", 0, "channel").n == 32 * 9

@@ -35,11 +35,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dgq_utils.model.attention import BACKEND_ENV, DGQAttnProcessor, ProbQuantizer
+from dgq_utils.core.quantizers import SCALE_FLOOR
 from dgq_utils.kernels import ProbQuantSpec, prob_multiplier, unsupported_reason
 from dgq_utils.kernels.reference import (probabilities_reference, quant_attention_reference,
                                          quantize_probs_reference, row_statistics_reference)
-from dgq_utils.core.quantizers import SCALE_FLOOR
+from dgq_utils.model.attention import BACKEND_ENV, DGQAttnProcessor, ProbQuantizer
 
 FLIP_TOL = 1e-4
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -247,7 +247,7 @@ def test_kernel_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(REPO / "tests")], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(rows) == 6
@@ -296,7 +296,7 @@ def test_processor_calibration_modes_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_PROCESSOR_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     static, observe = json.loads(res.stdout.strip().splitlines()[-1])
     assert static["paths"] == ["fused"] * 3 and static["ref_paths"] == ["reference"] * 3
@@ -338,7 +338,7 @@ def test_fused_processor_compiles_without_graph_breaks():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 

@@ -21,6 +21,7 @@ from dgq_utils.quantize.pipeline import (
     quantize_pipeline,
 )
 from dgq_utils.quantize.state import load_quant_state, save_quant_state
+from dgq_utils.calibrate.trace import TRACE_SAMPLER
 from dgq_utils.testing.families import build_tiny_sd2_pipeline, build_tiny_sdxl_pipeline
 from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
 
@@ -40,7 +41,7 @@ def _images(pipe, sampler):
 
 
 def _quantize(pipe, recipe, sampler):
-    return quantize_pipeline(pipe, recipe, CALIB, progress=False, **sampler)
+    return quantize_pipeline(pipe, recipe, CALIB, TRACE_SAMPLER.replace(**sampler), progress=False)
 
 
 @pytest.fixture(scope="module")

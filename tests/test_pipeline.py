@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import STEPS, generate, psnr
+from dgq_utils.calibrate.trace import TRACE_SAMPLER
 from dgq_utils.config import get_preset
 from dgq_utils.quantize.pipeline import (
     dequantize_pipeline,
@@ -23,7 +24,8 @@ W4A4 = get_preset("baseline-w4a6").replace(name="baseline-w4a4", activations={"b
 
 
 def _q(pipe, recipe, prompts, **kw):
-    return quantize_pipeline(pipe, recipe, prompts, num_inference_steps=STEPS, progress=False, **kw)
+    return quantize_pipeline(pipe, recipe, prompts, TRACE_SAMPLER.replace(num_inference_steps=STEPS), progress=False,
+                             **kw)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_save_load_onto_fresh_pipeline_is_identical(saved_state):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         names = list(f.keys())
-    assert meta["format"] == "dgq-quant-state/1"
+    assert meta["format"] == "dgq-quant-state/2" and len(meta["content_hash"]) == 64
     assert json.loads(meta["recipe"])["name"] == "dgq-w8a6"
     cal = json.loads(meta["calibration"])
     assert cal["num_inference_steps"] == STEPS and cal["scheduler"] == "DDIMScheduler"

@@ -96,14 +96,14 @@ def test_missing_inputs_are_named(files, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="real_im256.npz"):
         run_paper_protocol(None, files / "metadata.csv", tmp_path / "missing.npz", None, "dgq-protocol-tiny-clip",
                            files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory,
-                           feature_extractor=M.PIXELS_DEBUG)
+                           feature_extractor=M.PIXELS_DEBUG, device="cpu")
     with pytest.raises(FileNotFoundError, match="ViT-g-14"):
         run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "ViT-g-14",
                            tmp_path / "open_clip_pytorch_model.bin", tmp_path, pipe_factory=factory,
-                           feature_extractor=M.PIXELS_DEBUG)
+                           feature_extractor=M.PIXELS_DEBUG, device="cpu")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
         run_paper_protocol(None, files / "metadata.csv", files / "real_im256.npz", None, "dgq-protocol-tiny-clip",
-                           files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory)
+                           files / "dgq-protocol-tiny-clip.pt", tmp_path, pipe_factory=factory, device="cpu")
     with pytest.raises(ValueError, match="fewer than n_images"):
         _run(files, tmp_path / "o", n_images=11)

@@ -54,12 +54,14 @@ def test_pndm_scheduler_repeats_a_timestep():
 def test_start_sink_scaffolding():
     """add_start_sink (test scaffolding) makes cross-attention put most of its mass on key 0."""
     from dgq_utils.calibrate.observe import collect_activation_stats
+    from dgq_utils.calibrate.trace import TRACE_SAMPLER
 
+    one_step = TRACE_SAMPLER.replace(num_inference_steps=1)
     pipe = build_tiny_pipeline(seed=0)
-    before = collect_activation_stats(pipe, TINY_PROMPTS[:1], num_inference_steps=1, layers=["*attn2*"],
+    before = collect_activation_stats(pipe, TINY_PROMPTS[:1], one_step, layers=["*attn2*"],
                                       include_qkv=False, percentiles=(), progress=False).attention_frame()
     add_start_sink(pipe, strength=8.0)
-    after = collect_activation_stats(pipe, TINY_PROMPTS[:1], num_inference_steps=1, layers=["*attn2*"],
+    after = collect_activation_stats(pipe, TINY_PROMPTS[:1], one_step, layers=["*attn2*"],
                                      include_qkv=False, percentiles=(), progress=False).attention_frame()
     assert before["start_mass"].mean() < 0.1
     assert after["start_mass"].mean() > 0.5

@@ -71,6 +71,35 @@ def test_load_pipeline_offline_and_generate(monkeypatch):
     assert again.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 
 
+def _model_card_snippet(marker: str) -> str:
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (EMB / "README.md").read_text(), flags=re.S)
+    found = [b for b in blocks if marker in b]
+    assert found, f"the model card has no python snippet using {marker}"
+    return found[0]
+
+
+@needs_weights
+@pytest.mark.parametrize("cls_name", ["DiffusionPipeline", "StableDiffusionPipeline"])
+def test_plain_diffusers_loading_from_the_model_card(cls_name, monkeypatch):
+    """The model card's plain diffusers snippet runs as written (no dtype argument): one dtype everywhere."""
+    import diffusers
+    from PIL import Image
+
+    monkeypatch.chdir(EMB.parents[1])                   # the snippet's path is relative to the repository root
+    code = _model_card_snippet("DiffusionPipeline.from_pretrained")
+    code = code.replace("DiffusionPipeline", cls_name).replace(f"Stable{cls_name}", cls_name)
+    code = code.replace("num_inference_steps=25", "num_inference_steps=3")  # small and fast; same code path
+    scope: dict = {}
+    exec(compile(code, "data/embedded/README.md", "exec"), scope)
+    pipe, image = scope["pipe"], scope["image"]
+    assert isinstance(pipe, getattr(diffusers, cls_name))
+    dtypes = {n: next(getattr(pipe, n).parameters()).dtype for n in ("unet", "vae", "text_encoder")}
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+
+
 @needs_weights
 def test_small_clip_prefers_the_true_caption():
     from dgq_utils.world.clip import clip_score, load_world_clip

@@ -49,7 +49,10 @@ import time
 
 import torch
 
-from dgq_utils.calibrate.trace import check_prompts, run_prompts
+from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace
+from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
+from dgq_utils.config.validation import check_prompts, check_seed
+from dgq_utils.model.tokenizer import warn_unknown_words
 from dgq_utils.core.grouping import (
     AxisStats,
     assign_groups_many,
@@ -77,17 +80,6 @@ def needs_calibration(recipe) -> bool:
     return recipe.activations is not None or (att is not None and att.enabled and att.scale == "static")
 
 
-def _all_act_quantizers(qstate) -> list[ActQuantizer]:
-    out = [layer.act for layer in qstate.layers.values() if layer.act is not None]
-    for proc in qstate.processors.values():
-        out += [q for role, q in proc.quantizers().items() if role != "prob"]
-    return out
-
-
-def _all_prob_quantizers(qstate) -> list:
-    return [p.prob_quant for p in qstate.processors.values() if p.prob_quant is not None]
-
-
 def _set_all_modes(qstate, mode: str) -> None:
     for layer in qstate.layers.values():
         layer.set_mode(mode)
@@ -103,34 +95,35 @@ def _observe_axes(cfg) -> tuple[str, ...]:
     return (cfg.axis,)
 
 
+@takes_sampler
 def calibrate(
     pipe,
     qstate,
     prompts,
-    *,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    height: int | None = None,
-    width: int | None = None,
+    sampler: SamplerSettings | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    *,
     progress: bool = True,
 ) -> dict:
     """Calibrate every quantizer of ``qstate`` on ``prompts``; returns the calibration metadata.
 
-    ``qstate`` is the ``pipeline.QuantState`` installed on ``pipe`` (layers, processors, controller, recipe).
-    Leaves all quantizers in ``"quant"`` mode and the controller in inference mode.
+    ``qstate`` is the ``quantize.pipeline.QuantState`` installed on ``pipe`` (layers, processors, controller,
+    recipe; :meth:`act_quantizers` / :meth:`prob_quantizers` list its quantizers). ``sampler``: steps, guidance,
+    resolution and batch size (default :data:`~dgq_utils.calibrate.trace.TRACE_SAMPLER`); batch ``i`` is seeded
+    ``seed + i``. Leaves all quantizers in ``"quant"`` mode and the controller in inference mode.
     """
-    from tqdm.auto import tqdm
-
+    sampler = check_sampler(sampler, TRACE_SAMPLER, "calibrate")
+    num_inference_steps = sampler.num_inference_steps
     prompts = check_prompts(prompts)
+    check_seed(seed)
+    warn_unknown_words(pipe, prompts, "calibration prompts")
     recipe = qstate.recipe
     act_cfg = recipe.activations
     upstream = act_cfg.calibration_upstream if act_cfg is not None else "fp"
     t0 = time.perf_counter()
 
-    act_quantizers = _all_act_quantizers(qstate)
-    prob_quantizers = _all_prob_quantizers(qstate)
+    act_quantizers = qstate.act_quantizers()
+    prob_quantizers = qstate.prob_quantizers()
     for q in act_quantizers:
         q.clear_stats()
         q.params, q.info = {}, {}
@@ -161,8 +154,9 @@ def calibrate(
 
         controller.callback = official_passes
     try:
-        run_prompts(pipe, prompts, num_inference_steps, guidance_scale, seed, batch_size, height, width,
-                     progress, desc=f"calibrating {recipe.name}", tqdm=tqdm)
+        with Trace(pipe, sampler, seed, controller=controller, progress=progress,
+                   desc=f"calibrating {recipe.name}") as trace:
+            trace.run(prompts)
     finally:
         controller.callback = None
         _set_all_modes(qstate, "off")
@@ -193,11 +187,11 @@ def calibrate(
     return {
         "num_prompts": len(prompts),
         "num_inference_steps": int(num_inference_steps),
-        "guidance_scale": float(guidance_scale),
-        "height": height,
-        "width": width,
+        "guidance_scale": float(sampler.guidance_scale),
+        "height": sampler.height,
+        "width": sampler.width,
         "seed": int(seed),
-        "batch_size": int(batch_size),
+        "batch_size": int(sampler.batch_size),
         "scheduler": type(pipe.scheduler).__name__,
         "scheduler_config": {k: _jsonable(v) for k, v in dict(pipe.scheduler.config).items()},
         "timesteps": list(controller.schedule),

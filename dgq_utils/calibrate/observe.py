@@ -4,10 +4,11 @@ Two users:
 
 * **Calibration** (``layers.ActQuantizer`` in ``"observe"`` mode) keeps one :class:`TensorStats` per parameter set
   and turns it into quantizer parameters.
-* **Analysis** -- :func:`collect_activation_stats` runs prompts through an *unquantized* pipeline with forward
-  pre-hooks on every ``nn.Linear`` / ``nn.Conv2d`` of the UNet (their *inputs* are what DGQ quantizes), the Q/K/V
-  of every attention and the attention probabilities, and returns an :class:`ActivationStats` whose methods give
-  pandas DataFrames.
+* **Analysis** -- :func:`collect_activation_stats` runs prompts through an *unquantized* pipeline with the trace
+  harness (:class:`dgq_utils.calibrate.trace.Trace`): hooks on the input of every ``nn.Linear`` / ``nn.Conv2d`` of
+  the UNet (their *inputs* are what DGQ quantizes), observers of the Q/K/V of every attention and its
+  probabilities (a :class:`~dgq_utils.model.attention.DGQAttnProcessor` in statistics mode), and returns an
+  :class:`ActivationStats` whose methods give pandas DataFrames.
 
 Axes (what "channel" and "pixel" mean for each input; see ``shared/dgq-official-code.md`` section 1.3)
 ----------------------------------------------------------------------------------------------------
@@ -44,14 +45,16 @@ Tidy tables (:class:`ActivationStats`)
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 
-from dgq_utils.calibrate.trace import check_prompts, run_prompts
+from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace, layer_selector
+from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
+from dgq_utils.config.validation import check_prompts, check_seed
+from dgq_utils.model.tokenizer import warn_unknown_words
 from dgq_utils.core.grouping import AxisStats
 from dgq_utils.core.stats import (
     LOG2_HIST_EDGES,
@@ -59,6 +62,8 @@ from dgq_utils.core.stats import (
     AttentionStats,
     TensorStats,
 )
+from dgq_utils.model.attention import DGQAttnProcessor
+from dgq_utils.model.layers import ActQuantizer
 
 __all__ = [
     "ActivationStats",
@@ -110,6 +115,7 @@ class ActivationStats:
 
     def axis_frame(self, layers: Iterable[str] | None = None, axis: str | None = None, timestep_index=None):
         """Tidy per-index table: layer, layer_type, timestep_index, timestep, axis, index, min, max."""
+        # numpy / pandas are imported when a table is asked for (here and below): calibration never needs them
         import numpy as np
         import pandas as pd
 
@@ -209,21 +215,14 @@ class ActivationStats:
 # ----------------------------------------------------------------------------------------------------------
 # collection on an FP pipeline
 # ----------------------------------------------------------------------------------------------------------
-def _matches(name: str, patterns: Sequence[str] | None) -> bool:
-    return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
+@takes_sampler
 @torch.no_grad()
 def collect_activation_stats(
     pipe,
     prompts: Sequence[str],
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    sampler: SamplerSettings | None = None,
     seed: int = 0,
     *,
-    batch_size: int = 8,
-    height: int | None = None,
-    width: int | None = None,
     layers: Sequence[str] | str | None = None,
     include_qkv: bool = True,
     include_attention: bool = True,
@@ -234,99 +233,70 @@ def collect_activation_stats(
 ) -> ActivationStats:
     """Run ``prompts`` through an unquantized ``pipe`` and record activation statistics of its UNet.
 
+    ``sampler``: steps, guidance, resolution and batch size (default
+    :data:`~dgq_utils.calibrate.trace.TRACE_SAMPLER`: 25 steps, guidance 7.5, 8 prompts per batch).
     Per UNet call (timestep index = call index within a generation; ``t`` values in ``result.timesteps``):
     channel- and pixel-wise :class:`AxisStats` of every Linear / Conv2d input (``layers``: fnmatch patterns of
     UNet module names, default all), of the head-split Q / K / V (``include_qkv``), and attention-probability
-    statistics (``include_attention``). Batches of ``batch_size`` prompts; batch ``i`` uses
-    ``torch.Generator().manual_seed(seed + i)``; CFG as in sampling (``guidance_scale > 1`` doubles the batch);
+    statistics (``include_attention``). Batch ``i`` uses ``torch.Generator().manual_seed(seed + i)``; CFG as in sampling (``guidance_scale > 1`` doubles the batch);
     the VAE is not run (``output_type="latent"``). ``conv_layout="unfold"`` records conv inputs as the official
     code sees them (im2col rows x output positions). The pipeline is left exactly as it was.
     """
-    from tqdm.auto import tqdm
-
-    from dgq_utils.model.attention import DGQAttnProcessor
-    from dgq_utils.model.layers import ActQuantizer
-    from dgq_utils.model.timesteps import TimestepController
-
+    sampler = check_sampler(sampler, TRACE_SAMPLER, "collect_activation_stats")
     prompts = check_prompts(prompts)
+    check_seed(seed)
+    warn_unknown_words(pipe, prompts)
     if conv_layout not in ("tensor", "unfold"):
         raise ValueError(f"conv_layout must be 'tensor' or 'unfold'; got {conv_layout!r}.")
     if getattr(pipe.unet, "_dgq_state", None) is not None:
         raise RuntimeError("collect_activation_stats needs an unquantized pipeline; call dequantize_pipeline first.")
-    patterns = [layers] if isinstance(layers, str) else layers
-    unet = pipe.unet
+    select = layer_selector(layers)
     result = ActivationStats()
-    controller = TimestepController(mapping="exact")
-    state = controller.state
     percentiles = tuple(percentiles)
+    trace = Trace(pipe, sampler, seed, progress=progress, desc="collecting activation statistics")
+    state = trace.state
 
-    handles = []
-    for name, module in unet.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not _matches(name, patterns):
-            continue
-        lt = "linear" if isinstance(module, torch.nn.Linear) else "conv"
-        per_t: dict[int, TensorStats] = {}
-        result.layers[name] = (lt, per_t)
+    def observe(name, mod, x):
+        lt, per_t = result.layers[name]
+        layout = "linear" if lt == "linear" else ("unfold" if conv_layout == "unfold" else "conv")
+        if layout == "unfold":
+            x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        st = per_t.setdefault(state.set_index, TensorStats())
+        st.update(x, layout, ema_momentum=ema_momentum, percentiles=percentiles,
+                  where=f"layer {name!r} (timestep index {state.set_index}, t={state.t:g})")
 
-        def hook(mod, args, _name=name, _lt=lt, _per_t=per_t):
-            x = args[0]
-            layout = "linear" if _lt == "linear" else ("unfold" if conv_layout == "unfold" else "conv")
-            if layout == "unfold":
-                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-            st = _per_t.setdefault(state.set_index, TensorStats())
-            st.update(x, layout, ema_momentum=ema_momentum, percentiles=percentiles,
-                      where=f"layer {_name!r} (timestep index {state.set_index}, t={state.t:g})")
+    def observer(attn_name, kind, original):
+        qkv = {}
+        if include_qkv:
+            for part in ("q", "k", "v"):
+                qkv[part] = ActQuantizer(f"{attn_name}.{part}", bits=8, layout="qkv", state=state)
+                qkv[part].set_observe(ema_momentum=ema_momentum, percentiles=percentiles)
+                qkv[part].mode = "observe"
+        if not qkv and not include_attention:
+            return None  # not observed: keep the original processor
+        p = DGQAttnProcessor(attn_name, kind, original, state=state, q_quant=qkv.get("q"),
+                             k_quant=qkv.get("k"), v_quant=qkv.get("v"))
+        p.record_attention = include_attention
+        return p
 
-        handles.append(module.register_forward_pre_hook(hook))
+    with trace:
+        for name in trace.on_layer_input(observe, select):
+            module = pipe.unet.get_submodule(name)
+            result.layers[name] = ("linear" if isinstance(module, torch.nn.Linear) else "conv", {})
+        recorders = trace.set_attention_processors(observer, select) if include_qkv or include_attention else {}
+        result.timesteps = trace.run(prompts)
 
-    original_procs = dict(unet.attn_processors)
-    recorders = {}
-    if include_qkv or include_attention:
-        procs = {}
-        for key, proc in original_procs.items():
-            attn_name = key[: -len(".processor")]
-            attn = unet.get_submodule(attn_name)
-            kind = "cross" if attn.is_cross_attention else "self"
-            qkv = {}
-            if include_qkv and _matches(attn_name, patterns):
-                for part in ("q", "k", "v"):
-                    qkv[part] = ActQuantizer(f"{attn_name}.{part}", bits=8, layout="qkv", state=state)
-                    qkv[part].set_observe(ema_momentum=ema_momentum, percentiles=percentiles)
-                    qkv[part].mode = "observe"
-            record = include_attention and _matches(attn_name, patterns)
-            if not qkv and not record:
-                procs[key] = proc  # not observed: keep the original processor
-                continue
-            p = DGQAttnProcessor(attn_name, kind, proc, state=state, q_quant=qkv.get("q"),
-                                 k_quant=qkv.get("k"), v_quant=qkv.get("v"))
-            p.record_attention = record
-            recorders[attn_name] = (kind, p)
-            procs[key] = p
-        unet.set_attn_processor(procs)
-    controller.install(unet, pipe)
-    try:
-        run_prompts(pipe, prompts, num_inference_steps, guidance_scale, seed, batch_size, height, width,
-                     progress, desc="collecting activation statistics", tqdm=tqdm)
-    finally:
-        controller.remove()
-        for h in handles:
-            h.remove()
-        if recorders:
-            unet.set_attn_processor(original_procs)
-    controller.finish_calibration()
-
-    for attn_name, (kind, p) in recorders.items():
+    for attn_name, p in recorders.items():
         for part in ("q", "k", "v"):
             qz = getattr(p, f"{part}_quant")
             if qz is not None:
                 result.layers[f"{attn_name}.{part}"] = (f"attn_{part}", dict(qz.stats))
         if p.attention_stats:
-            result.attention[attn_name] = (kind, dict(p.attention_stats))
-    result.timesteps = list(controller.schedule)
+            result.attention[attn_name] = (p.kind, dict(p.attention_stats))
     result.meta = {
-        "num_prompts": len(prompts), "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale, "seed": seed, "batch_size": batch_size,
-        "height": height, "width": width, "conv_layout": conv_layout,
+        "num_prompts": len(prompts), "num_inference_steps": sampler.num_inference_steps,
+        "guidance_scale": sampler.guidance_scale, "seed": seed, "batch_size": sampler.batch_size,
+        "height": sampler.height, "width": sampler.width, "conv_layout": conv_layout,
         "scheduler": type(pipe.scheduler).__name__, "percentiles": list(percentiles),
         "percentile_note": f"approximate: strided subsample of <= {PERCENTILE_SAMPLES} elements per call",
     }

@@ -79,14 +79,15 @@ pass for SD) is not part of any recipe: all weight quantization here is round-to
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import numbers
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping
 
-from dgq_utils.core.quantizers import check_bits
+from dgq_utils.core.grouping import AXIS_RULES, GROUPING_METHODS
+from dgq_utils.core.quantizers import PROB_QUANTIZERS, check_bits
+from dgq_utils.core.registry import RegisteredNames, suggest
 
 __all__ = [
     "WeightQuantConfig",
@@ -100,18 +101,11 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 # shared machinery
 # ----------------------------------------------------------------------------------------------------------
-def _suggest(word: str, options) -> str:
-    opts = [str(o) for o in options]
-    folded = [o for o in opts if o.lower() == str(word).lower().replace("-", "_")]
-    close = folded or difflib.get_close_matches(str(word), opts, n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def _check_choice(owner: str, name: str, value: Any, options: tuple) -> None:
     if value not in options:
         raise ValueError(
             f"{owner}.{name} must be one of {', '.join(repr(o) for o in options)}; got {value!r}."
-            + _suggest(value, options)
+            + suggest(value, options)
         )
 
 
@@ -150,7 +144,7 @@ class _ConfigMixin:
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
         unknown = [k for k in d if k not in names]
         if unknown:
-            hints = "".join(_suggest(k, names) for k in unknown)
+            hints = "".join(suggest(k, names) for k in unknown)
             raise ValueError(
                 f"unknown key(s) for {cls.__name__}: {', '.join(repr(k) for k in unknown)}. "
                 f"Valid keys: {', '.join(names)}.{hints}"
@@ -177,7 +171,7 @@ class _ConfigMixin:
         names = [f.name for f in fields(self)]  # type: ignore[arg-type]
         unknown = [k for k in changes if k not in names]
         if unknown:
-            hints = "".join(_suggest(k, names) for k in unknown)
+            hints = "".join(suggest(k, names) for k in unknown)
             raise ValueError(
                 f"{type(self).__name__}.replace got unknown field(s) {', '.join(repr(k) for k in unknown)}; "
                 f"valid fields: {', '.join(names)}.{hints}"
@@ -247,8 +241,9 @@ class ActQuantConfig(_ConfigMixin):
 
     GRANULARITIES: ClassVar[tuple] = ("per_tensor", "group")
     AXES: ClassVar[tuple] = ("auto", "channel", "pixel")
-    AXIS_RULES: ClassVar[tuple] = ("official_spread", "outlier_ratio")
-    GROUPINGS: ClassVar[tuple] = ("kmeans", "contiguous", "sorted")
+    # the comparative rules registered in core.grouping (a forced axis is set with ``axis=``)
+    AXIS_RULES = RegisteredNames(AXIS_RULES, where=lambda rule: rule.forces is None)
+    GROUPINGS = RegisteredNames(GROUPING_METHODS)
     RANGE_ESTIMATORS: ClassVar[tuple] = ("minmax", "ema")
     CONV_INPUT_LAYOUTS: ClassVar[tuple] = ("tensor", "unfold")
     CALIBRATION_UPSTREAMS: ClassVar[tuple] = ("fp", "per_tensor_quantized")
@@ -322,7 +317,7 @@ class AttentionQuantConfig(_ConfigMixin):
     quantize_qkv: bool = True
     zero_level: bool = True
 
-    QUANTIZERS: ClassVar[tuple] = ("log2", "uniform")
+    QUANTIZERS = RegisteredNames(PROB_QUANTIZERS)  # registered in core.quantizers
     SCALES: ClassVar[tuple] = ("per_prompt", "batch", "static")
     START_IN: ClassVar[tuple] = ("cross", "both")
     APPLY_TO: ClassVar[tuple] = ("cross", "self", "both")

@@ -44,8 +44,9 @@ last dim vs dim 1, i.e. swapped relative to Linear layers) lives in the integrat
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,11 +54,14 @@ from torch import Tensor
 
 from dgq_utils.core.kmeans import kmeans_ids, kmeans_many
 from dgq_utils.core.quantizers import check_bits, fake_quant_uniform, uniform_qparams
+from dgq_utils.core.registry import Registry
 
 __all__ = [
     "AxisStats",
     "AXIS_RULES",
+    "AxisRule",
     "GROUPING_METHODS",
+    "GroupingMethod",
     "axis_scores",
     "decide_axis",
     "assign_groups",
@@ -73,10 +77,30 @@ __all__ = [
     "group_quant_error",
 ]
 
-#: Rules accepted by :func:`decide_axis` (the first two compare the axes, the last two force one).
-AXIS_RULES = ("official_spread", "outlier_ratio", "channel", "pixel")
+
+
+@dataclass(frozen=True)
+class AxisRule:
+    """How :func:`decide_axis` picks the axis: ``score(AxisStats) -> float`` compares the two axes (the larger
+    score wins, ties -> pixel), or ``forces`` names the axis outright (``"channel"`` / ``"pixel"``)."""
+
+    score: Callable[["AxisStats"], float] | None = None
+    forces: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupingMethod:
+    """How :func:`assign_groups` forms ``k >= 2`` groups: ``assign(stats, k, seed) -> ids``; optionally
+    ``assign_many(jobs, seed, n_jobs) -> [ids]`` for many ``(stats, k)`` at once (:func:`assign_groups_many`)."""
+
+    assign: Callable
+    assign_many: Callable | None = None
+
+
+#: Rules accepted by :func:`decide_axis` (the comparative ones first, then the two that force an axis).
+AXIS_RULES: Registry[AxisRule] = Registry("axis rule")
 #: Methods accepted by :func:`assign_groups`.
-GROUPING_METHODS = ("kmeans", "contiguous", "sorted")
+GROUPING_METHODS: Registry[GroupingMethod] = Registry("grouping method")
 
 
 def _normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -192,16 +216,22 @@ def _outlier_ratio(s: AxisStats) -> float:
     return top / max(med, top * 1e-12)
 
 
+AXIS_RULES.register("official_spread", AxisRule(score=_spread))
+AXIS_RULES.register("outlier_ratio", AxisRule(score=_outlier_ratio))
+AXIS_RULES.register("channel", AxisRule(forces="channel"))
+AXIS_RULES.register("pixel", AxisRule(forces="pixel"))
+
+
 def axis_scores(channel: AxisStats, pixel: AxisStats, rule: str = "official_spread") -> tuple[float, float]:
     """``(channel_score, pixel_score)`` under a comparative ``rule``; the larger one wins (ties -> pixel)."""
-    if rule == "official_spread":
-        return _spread(channel), _spread(pixel)
-    if rule == "outlier_ratio":
-        return _outlier_ratio(channel), _outlier_ratio(pixel)
-    raise ValueError(
-        f"unknown axis rule {rule!r}; axis_scores takes 'official_spread' or 'outlier_ratio'"
-        + (" ('channel'/'pixel' force an axis and have no score)." if rule in ("channel", "pixel") else ".")
-    )
+    entry = AXIS_RULES.get(rule)
+    if entry is None or entry.score is None:
+        comparative = AXIS_RULES.names(lambda r: r.score is not None)
+        raise ValueError(
+            f"unknown axis rule {rule!r}; axis_scores takes {' or '.join(map(repr, comparative))}"
+            + (f" ({rule!r} forces an axis and has no score)." if entry is not None else ".")
+        )
+    return entry.score(channel), entry.score(pixel)
 
 
 def decide_axis(channel: AxisStats, pixel: AxisStats, rule: str = "official_spread") -> str:
@@ -211,11 +241,10 @@ def decide_axis(channel: AxisStats, pixel: AxisStats, rule: str = "official_spre
     For the comparative rules the channel axis wins only with a strictly larger score (ties -> pixel, as in the
     official code).
     """
-    if rule not in AXIS_RULES:
-        raise ValueError(f"unknown axis rule {rule!r}; valid rules: {', '.join(AXIS_RULES)}.")
-    if rule in ("channel", "pixel"):
-        return rule
-    c, p = axis_scores(channel, pixel, rule)
+    entry = AXIS_RULES.lookup(rule)
+    if entry.forces is not None:
+        return entry.forces
+    c, p = entry.score(channel), entry.score(pixel)
     return "channel" if c > p else "pixel"
 
 
@@ -253,22 +282,27 @@ def assign_groups(stats: AxisStats, num_groups: int, method: str = "kmeans", see
     """
     if not isinstance(stats, AxisStats):
         raise ValueError(f"assign_groups needs AxisStats; got {type(stats).__name__}.")
-    if method not in GROUPING_METHODS:
-        raise ValueError(f"unknown grouping method {method!r}; valid methods: {', '.join(GROUPING_METHODS)}.")
+    impl = GROUPING_METHODS.lookup(method)
     n = stats.n
     k = _check_num_groups(num_groups, n)
-    device = stats.mins.device
     if k == 1:
-        return torch.zeros(n, dtype=torch.long, device=device)
-    if method == "contiguous":
-        return torch.repeat_interleave(torch.arange(k), _block_sizes(n, k)).to(device)
-    if method == "sorted":
-        order = torch.argsort(stats.ranges.cpu(), stable=True)
-        ids = torch.empty(n, dtype=torch.long)
-        ids[order] = torch.repeat_interleave(torch.arange(k), _block_sizes(n, k))
-        return ids.to(device)
+        return torch.zeros(n, dtype=torch.long, device=stats.mins.device)
+    return impl.assign(stats, k, seed)
 
-    return torch.from_numpy(kmeans_ids(_kmeans_points(stats), k, int(seed))).long().to(device)
+
+def _contiguous_groups(stats: AxisStats, k: int, seed: int) -> Tensor:
+    return torch.repeat_interleave(torch.arange(k), _block_sizes(stats.n, k)).to(stats.mins.device)
+
+
+def _sorted_groups(stats: AxisStats, k: int, seed: int) -> Tensor:
+    order = torch.argsort(stats.ranges.cpu(), stable=True)
+    ids = torch.empty(stats.n, dtype=torch.long)
+    ids[order] = torch.repeat_interleave(torch.arange(k), _block_sizes(stats.n, k))
+    return ids.to(stats.mins.device)
+
+
+def _kmeans_groups(stats: AxisStats, k: int, seed: int) -> Tensor:
+    return torch.from_numpy(kmeans_ids(_kmeans_points(stats), k, int(seed))).long().to(stats.mins.device)
 
 
 def _kmeans_points(stats: AxisStats) -> np.ndarray:
@@ -285,8 +319,6 @@ PARALLEL_MIN_FITS = 64
 def kmeans_workers(n_jobs: int | None = None) -> int:
     """Worker processes for :func:`assign_groups_many`: ``n_jobs`` if given, else the ``DGQ_KMEANS_JOBS``
     environment variable, else the CPUs this process may use."""
-    import os
-
     if n_jobs is None:
         env = os.environ.get("DGQ_KMEANS_JOBS", "").strip()
         if env:
@@ -308,14 +340,22 @@ def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kme
     Calibrating DGQ runs one K-means per (layer, timestep) -- about 4000 small fits for a 25-step schedule,
     each a few milliseconds of mostly Python overhead in scikit-learn, so threads do not help. With
     ``method="kmeans"`` and at least :data:`PARALLEL_MIN_FITS` new fits, they run in ``n_jobs`` worker processes
-    (joblib's loky backend, which scikit-learn itself uses; default :func:`kmeans_workers`); fits whose exact
-    input was seen before in this process are answered from a memo (DGQ's W8A8 / W8A6 / W4A8 recipes, and
-    ablations that change only the attention, observe the same FP statistics and so share their groups). Each
+    (loky, the process pool joblib and scikit-learn use; default :func:`kmeans_workers`; they end with this
+    process, see :mod:`dgq_utils.core.kmeans`); fits whose exact input was seen before in this process are
+    answered from a memo (DGQ's W8A8 / W8A6 / W4A8 recipes, and ablations that change only the attention,
+    observe the same FP statistics and so share their groups). Each
     fit is seeded on its own, so the result depends neither on the number of workers nor on the memo.
     """
     jobs = list(jobs)
-    if method != "kmeans" or not jobs:
+    if not jobs:
+        return []
+    impl = GROUPING_METHODS.lookup(method)
+    if impl.assign_many is None:
         return [assign_groups(s, k, method=method, seed=seed) for s, k in jobs]
+    return impl.assign_many(jobs, seed, n_jobs)
+
+
+def _kmeans_groups_many(jobs: list, seed: int, n_jobs: int | None) -> list[Tensor]:
     for s, _ in jobs:
         if not isinstance(s, AxisStats):
             raise ValueError(f"assign_groups_many needs AxisStats; got {type(s).__name__}.")
@@ -327,6 +367,11 @@ def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kme
     for (i, _, _), ids in zip(todo, labels):
         out[i] = torch.from_numpy(ids).long().to(jobs[i][0].mins.device)
     return out
+
+
+GROUPING_METHODS.register("kmeans", GroupingMethod(assign=_kmeans_groups, assign_many=_kmeans_groups_many))
+GROUPING_METHODS.register("contiguous", GroupingMethod(assign=_contiguous_groups))
+GROUPING_METHODS.register("sorted", GroupingMethod(assign=_sorted_groups))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,11 +3,16 @@
 This module imports only numpy and scikit-learn (no torch), so the worker processes that
 :func:`kmeans_many` starts are cheap to spawn. :func:`dgq_utils.core.grouping.assign_groups` and
 :func:`~dgq_utils.core.grouping.assign_groups_many` are the entry points that take activation statistics.
+Worker processes end with the process that started them (killed or interrupted) and exit after
+:data:`WORKER_IDLE_TIMEOUT` idle seconds.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import threading
+import time
 import warnings
 from collections import OrderedDict
 from typing import Sequence
@@ -37,6 +42,7 @@ def _canonical_labels(labels: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def kmeans_ids(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Canonical K-means labels of ``points`` ((n, 2) float32): one k-means++ run, ``random_state=seed``."""
+    # scikit-learn is heavy: imported by the process (or worker) that fits, not by importing this module
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
@@ -63,6 +69,52 @@ def clear_memo() -> None:
     _memo.clear()
 
 
+#: idle worker processes exit after this many seconds (loky's default is 300: minutes of stray processes)
+WORKER_IDLE_TIMEOUT = 10
+#: how often a worker checks that the process that started it is still alive
+PARENT_POLL_SECONDS = 0.25
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a daemon thread ends this worker as soon as its parent is gone.
+
+    loky's workers outlive a parent killed with SIGKILL (or one whose interpreter is torn down abruptly): they
+    wait on the call queue until their idle timeout, holding the parent's stdout/stderr pipes open. The thread
+    polls the parent pid and ``os._exit``-s when it no longer exists or this process was re-parented.
+    (Hand-written because loky offers no parent-death option; ``prctl(PR_SET_PDEATHSIG)`` fires on the death of
+    the *thread* that spawned the worker, which for loky can be its manager thread, and is Linux-only.)"""
+    start_ppid = os.getppid()
+
+    def watch():
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+                alive = os.getppid() == start_ppid
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:  # exists, owned by someone else: cannot be ours, but do not guess
+                alive = True
+            if not alive:
+                os._exit(1)
+            time.sleep(PARENT_POLL_SECONDS)
+
+    threading.Thread(target=watch, name="dgq-exit-with-parent", daemon=True).start()
+
+
+def _run_in_workers(chunks: list, workers: int) -> list:
+    """``kmeans_chunk`` of every chunk in loky worker processes that end with this process (see
+    :func:`_exit_with_parent`); an interrupt (KeyboardInterrupt, any error) kills the workers before re-raising."""
+    from joblib.externals.loky import get_reusable_executor
+
+    executor = get_reusable_executor(max_workers=workers, timeout=WORKER_IDLE_TIMEOUT,
+                                     initializer=_exit_with_parent, initargs=(os.getpid(),))
+    try:
+        return list(executor.map(kmeans_chunk, chunks))
+    except BaseException:
+        executor.shutdown(wait=False, kill_workers=True)
+        raise
+
+
 def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
                 min_parallel: int = 64) -> list[np.ndarray]:
     """:func:`kmeans_ids` for every ``(points, k, seed)``, in order. Inputs seen before come from the memo;
@@ -82,12 +134,9 @@ def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
     if workers <= 1 or len(payload) < min_parallel:
         labels = kmeans_chunk(payload)
     else:
-        from joblib import Parallel, delayed
-
         size = math.ceil(len(payload) / (4 * workers))
         chunks = [payload[a:a + size] for a in range(0, len(payload), size)]
-        labels = [ids for part in Parallel(n_jobs=workers, backend="loky")(delayed(kmeans_chunk)(c) for c in chunks)
-                  for ids in part]
+        labels = [ids for part in _run_in_workers(chunks, workers) for ids in part]
     for (key, idx), ids in zip(new.items(), labels):
         _memo[key] = ids
         for i in idx:

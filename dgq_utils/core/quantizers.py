@@ -65,10 +65,13 @@ bf16 activations come back as fp16 / bf16.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from dgq_utils.core.registry import Registry
 
 __all__ = [
     "MIN_BITS",
@@ -87,6 +90,10 @@ __all__ = [
     "fake_quant_weight",
     "weight_error",
     "MSE_SEARCH_ALPHAS",
+    "ProbQuantizerKind",
+    "PROB_QUANTIZERS",
+    "log2_levels_",
+    "uniform_levels_",
 ]
 
 MIN_BITS = 2
@@ -472,3 +479,65 @@ def weight_error(w: Tensor, w_hat: Tensor, *, p: float = 2.4, per_channel: bool 
     if per_channel and err.ndim > 1:
         return err.flatten(1).mean(dim=1)
     return err.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# probability (softmax output) quantizers: the registry that AttentionQuantConfig.quantizer names
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbQuantizerKind:
+    """One probability quantizer, for probabilities ``p`` in ``[0, max]`` (``max`` broadcastable to ``p``).
+
+    ``fake_quant(p, max, bits, zero_level=...)``: the reference (allocating, autograd-friendly) result.
+    ``levels_(p, max, bits, zero_level=..., clamp_max=...)``: in place, ``p`` becomes the levels *before* the final
+    multiplication; returns the multiplier (quantized = levels * multiplier). ``clamp_max``: clip ratios above 1
+    (a static, calibrated max can be exceeded). ``zero_level`` applies to quantizers that have one.
+    """
+
+    fake_quant: Callable
+    levels_: Callable
+
+
+#: name -> :class:`ProbQuantizerKind`; ``AttentionQuantConfig.quantizer`` must be one of these names
+PROB_QUANTIZERS: Registry[ProbQuantizerKind] = Registry("probability quantizer")
+
+# sqrt(2) = 1.0110101000001001111001100110011... in binary: its 23-bit mantissa lies strictly between 0x3504F3 and
+# 0x3504F4, so "mantissa >= sqrt(2)" is "mantissa bits >= 0x3504F4", i.e. adding 0x800000 - 0x3504F4 carries.
+_SQRT2_CARRY = 0x800000 - 0x3504F4
+_EXPONENT_MASK = 0x7F800000
+
+
+def log2_levels_(p: Tensor, m: Tensor, bits: int, *, zero_level: bool = True, clamp_max: bool = False) -> Tensor:
+    """In place on float32 ``p``: ``2^round(log2(p / m))`` (exact round-to-nearest in the log domain, by two
+    integer operations on the float32 bits), the smallest level ``2^-(2^b-1)`` or 0 below it; returns ``m``."""
+    emax = 2**bits - 1
+    p.div_(m)
+    raw = p.view(torch.int32)
+    raw.add_(_SQRT2_CARRY)  # carry into the exponent iff mantissa >= sqrt(2): exact log-domain rounding
+    raw.bitwise_and_(_EXPONENT_MASK)  # -> 2^round(log2 r)  (r >= 0)
+    smallest = 2.0**-emax  # 0.0 in float32 for emax > 149
+    if zero_level:
+        torch.nn.functional.threshold_(p, smallest, 0.0)  # the exponent code 2^b - 1 means zero
+    else:
+        p.clamp_min_(smallest)
+    if clamp_max:
+        p.clamp_max_(1.0)
+    return m
+
+
+def uniform_levels_(p: Tensor, m: Tensor, bits: int, *, zero_level: bool = True, clamp_max: bool = False) -> Tensor:
+    """In place on ``p``: the integer codes ``clamp(round(p / step), 0, 2^b - 1)`` with ``step = m / (2^b - 1)``
+    (zero point 0; ``zero_level`` / ``clamp_max`` do not apply: 0 is a level and codes are clamped); returns
+    ``step``."""
+    step = (m / (2**bits - 1)).clamp_min(SCALE_FLOOR)
+    p.div_(step).round_().clamp_(0, 2**bits - 1)
+    return step
+
+
+def _uniform_prob_fake_quant(p: Tensor, m: Tensor, bits: int, *, zero_level: bool = True) -> Tensor:
+    step = (m / (2**bits - 1)).clamp_min(SCALE_FLOOR)
+    return fake_quant_uniform(p, step, 0.0, bits)
+
+
+PROB_QUANTIZERS.register("log2", ProbQuantizerKind(fake_quant=fake_quant_log2, levels_=log2_levels_))
+PROB_QUANTIZERS.register("uniform", ProbQuantizerKind(fake_quant=_uniform_prob_fake_quant, levels_=uniform_levels_))

@@ -38,6 +38,7 @@ import pandas as pd
 from dgq_utils import paths
 from dgq_utils.atomic import atomic_write_text
 from dgq_utils.config import SamplerSettings
+from dgq_utils.config import validation as V
 from dgq_utils.evaluate import metrics as M
 from dgq_utils.evaluate.confidence import (
     CI,
@@ -153,7 +154,7 @@ def _check_disjoint(prompts: Sequence[str], calibration_prompts: Sequence[str]) 
 
 def _recipe_list(recipes) -> list:
     out = ["fp"]
-    for r in recipes:
+    for r in V.check_recipes(recipes):
         name = describe_recipe(r)[0]
         if name == "fp":
             continue
@@ -348,20 +349,18 @@ def run_comparison(
         lpips_net / lpips_weights: LPIPS backbone and its local weights (skipped, with a note row, if absent).
         n_boot / n_boot_set: bootstrap replicates for per-image means / for FID, KID, IS.
         quantizer: object with ``quantize/save/load/dequantize`` (default: :class:`PipelineQuantizer`).
-        calibration_kwargs: extra keyword arguments for ``quantize_pipeline`` (default: the sampler's steps,
-            guidance and batch size, ``seed``).
+        calibration_kwargs: extra keyword arguments for ``quantize_pipeline`` (default: ``sampler=`` the
+            resolved ``settings``, ``seed``).
         on_image: passed to the generation runner (called after each new image).
     """
     metrics = M.check_metrics(metrics)
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("the evaluation prompt list is empty")
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("the seed list is empty")
+    prompts = V.check_prompts(prompts)
+    seeds = V.check_seeds(seeds)
+    V.check_comparison_numbers(n_boot=n_boot, n_boot_set=n_boot_set, seed=seed, ci_level=ci_level, device=device)
+    V.check_instance(settings, "settings", SamplerSettings, allow_none=True, fix="pass SamplerSettings(...).")
     recipes = _recipe_list(recipes)
     needs_quant = len(recipes) > 1
-    calibration_prompts = list(calibration_prompts)
+    calibration_prompts = V.check_prompts(calibration_prompts, "calibration_prompts", allow_empty=True)
     if needs_quant and not calibration_prompts:
         raise ValueError("quantized recipes need calibration_prompts (disjoint from the evaluation prompts)")
     _check_disjoint(prompts, calibration_prompts)
@@ -432,15 +431,19 @@ def run_comparison(
     pipe_holder["pipe"] = fp_pipe
     mid = model_identity(fp_pipe, model_id)
     res = settings.resolved(fp_pipe)  # calibrate at the resolution we generate at (pixel groups are positional)
-    cal_kw = {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
-              "height": res.height, "width": res.width, "seed": seed, "batch_size": settings.batch_size,
-              "progress": progress, **(calibration_kwargs or {})}
+    cal_kw = {"sampler": res, "seed": seed, "progress": progress, **(calibration_kwargs or {})}
+    # the cache key's description of the calibration (the same fields as before the sampler became one object)
+    key_kw = {"num_inference_steps": res.num_inference_steps, "guidance_scale": res.guidance_scale,
+              "height": res.height, "width": res.width, "seed": seed, "batch_size": res.batch_size,
+              **({"negative_prompt": res.negative_prompt, "eta": res.eta}  # calibrated with them too
+                 if res.negative_prompt is not None or res.eta else {}),
+              **{k: v for k, v in (calibration_kwargs or {}).items() if k != "progress"}}
 
     def _quantized_pipe(recipe, name, rhash):
         pipe = fresh_pipe()
         pipe_holder["pipe"] = pipe
         # keyed by everything that shapes the calibrated state: model, recipe, calibration prompts and settings
-        shaping = {k: v for k, v in cal_kw.items() if k != "progress"}
+        shaping = key_kw
         key = hashlib.sha256(json.dumps([mid, rhash, calibration_prompts, shaping], sort_keys=True,
                                         default=str).encode()).hexdigest()[:12]
         state = state_dir / f"{name}-{key}.safetensors"

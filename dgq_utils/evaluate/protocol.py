@@ -41,6 +41,7 @@ import pandas as pd
 
 from dgq_utils.atomic import atomic_write_json
 from dgq_utils.config import SamplerSettings
+from dgq_utils.config import validation as V
 from dgq_utils.evaluate import metrics as M
 from dgq_utils.evaluate.compare import ComparisonResult, Reference, run_comparison
 
@@ -172,6 +173,11 @@ def run_paper_protocol(
         n_boot, n_boot_set: bootstrap replicates for per-image means / for FID and IS.
         kwargs: passed on to :func:`run_comparison`.
     """
+    V.check_protocol_numbers(n_images=n_images, n_clip=n_clip, resize=resize, n_calibration=n_calibration,
+                             recipes=recipes)
+    V.check_comparison_numbers(n_boot=n_boot, n_boot_set=n_boot_set, seed=seed, device=device)
+    SamplerSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                    width=width, batch_size=batch_size, image_format=image_format)  # checks them, before any work
     stats_path = Path(reference_stats_npz)
     ref_stats = M.load_reference_statistics(stats_path)  # fails early, naming the file
     M.resolve_weights(feature_extractor, inception_weights)  # idem

@@ -60,7 +60,10 @@ from dgq_utils.atomic import (
     atomic_write_text,
     clean_stale_temp_files,
 )
+from dgq_utils import config
 from dgq_utils.config import SamplerSettings
+from dgq_utils.config.validation import check_instance, check_prompts, check_seeds
+from dgq_utils.model.tokenizer import warn_unknown_words
 
 VERIFY_MODES = ("sha", "size", "decode")
 MANIFEST_COLUMNS = [
@@ -105,8 +108,6 @@ def describe_recipe(recipe: Any) -> tuple[str, str, dict]:
     Uses :func:`dgq_utils.config.recipe_hash` / ``get_preset`` (the core engine's config); a plain dict is
     hashed the same way (sorted-key JSON), so the key is stable whichever form the caller uses.
     """
-    from dgq_utils import config
-
     if recipe is None:
         recipe = "fp"
     if isinstance(recipe, str):
@@ -333,29 +334,6 @@ class GenerationResult:
         return len(self.manifest)
 
 
-def _check_prompts(prompts: Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not a single string")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("the prompt list is empty: give at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompts must be strings; items {bad[:5]} are not")
-    return prompts
-
-
-def _check_seeds(seeds: Iterable[int] | int) -> list[int]:
-    if isinstance(seeds, int):
-        seeds = [seeds]
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("the seed list is empty: give at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"duplicate seeds {seeds}")
-    return seeds
-
-
 def open_cache(pipe, cache_root: str | os.PathLike, *, recipe: Any = None, model_id: str | None = None,
                settings: SamplerSettings | None = None) -> ImageCache:
     """The cache folder for (model, settings, recipe) under ``cache_root`` (created if needed)."""
@@ -411,6 +389,8 @@ def generate_images(
 
     if verify not in VERIFY_MODES:
         raise ValueError(f"unknown verify mode {verify!r}; valid: {', '.join(VERIFY_MODES)}")
+    prompts = check_prompts(prompts)
+    warn_unknown_words(pipe, prompts)
     cache, settings, keys, todo, reused, repaired = _plan(pipe, prompts, seeds, cache_root, recipe, model_id,
                                                           settings, verify, prompt_indices)
     if todo and require_cached:
@@ -453,8 +433,9 @@ def generate_images(
 
 
 def _plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices):
-    prompts = _check_prompts(prompts)
-    seeds = _check_seeds(seeds)
+    prompts = check_prompts(prompts)
+    seeds = check_seeds(seeds)
+    check_instance(settings, "settings", SamplerSettings, allow_none=True, fix="pass SamplerSettings(...).")
     indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
     if len(indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")

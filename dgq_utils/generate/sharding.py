@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from dgq_utils.config.validation import check_prompts
 from dgq_utils.generate.images import GenerationResult, generate_images
 from dgq_utils.quantize.pipeline import quantize_pipeline
 from dgq_utils.quantize.state import load_quant_state, save_quant_state
@@ -99,7 +100,7 @@ def generate_sharded(pipe, prompts: Sequence[str], seeds, cache_root, *, shard: 
     must be the same on every rank.
     """
     shard = shard or Shard()
-    prompts = list(prompts)
+    prompts = check_prompts(prompts)
     indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
     if len(indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts.")
@@ -129,7 +130,8 @@ def quantize_once(pipe, recipe, calibration_prompts: Sequence[str], state_path: 
         if state_path.exists():
             report = load_quant_state(pipe, state_path)
         else:
-            report = quantize_pipeline(pipe, recipe, list(calibration_prompts), **quantize_kwargs)
+            report = quantize_pipeline(pipe, recipe, check_prompts(calibration_prompts, "calibration_prompts",
+                                                                   allow_empty=True), **quantize_kwargs)
             save_quant_state(pipe, state_path)
     shard.barrier()
     if not shard.is_main:

@@ -35,6 +35,11 @@ What gets quantized (each part optional; see ``config.AttentionQuantConfig``)
   the max and passed through **bit-exactly** in FP; the remaining columns are quantized. Nothing renormalises
   the rows afterwards (official).
 
+Record hook: ``processor.record = fn`` calls ``fn(processor, probs, query, key, value)`` on every call with the
+float32 probabilities (before any probability quantizer) and the head-split Q/K/V (after their quantizers), and
+makes the processor take the reference path (the one that materialises them); :class:`dgq_utils.calibrate.trace.
+Trace` uses it for the notebooks' attention captures and the embedded world's phenomena check.
+
 Statistics mode: ``processor.record_attention = True`` folds every call's probabilities into
 :class:`~dgq_utils.core.stats.AttentionStats` per timestep set (mass on key 0 per head, maxima, log2 histograms);
 ``collect_activation_stats`` uses it for notebook 03.
@@ -79,7 +84,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from dgq_utils.core.quantizers import SCALE_FLOOR, fake_quant_log2, fake_quant_uniform
+from dgq_utils.core.quantizers import PROB_QUANTIZERS
 from dgq_utils.core.stats import AttentionStats
 from dgq_utils.kernels import ProbQuantSpec, quant_attention, row_statistics, unsupported_reason
 from dgq_utils.model.timesteps import TimestepState
@@ -96,10 +101,6 @@ _LOGGED_FALLBACKS: set[tuple[str, str]] = set()  # (processor name, reason) alre
 
 _WORKSPACE: dict[torch.device, Tensor] = {}
 _INPLACE_SOFTMAX_OK: dict[str, bool] = {}  # device type -> the in-place ATen softmax was checked and is exact
-# sqrt(2) = 1.0110101000001001111001100110011... in binary: its 23-bit mantissa lies strictly between 0x3504F3 and
-# 0x3504F4, so "mantissa >= sqrt(2)" is "mantissa bits >= 0x3504F4", i.e. adding 0x800000 - 0x3504F4 carries.
-_SQRT2_CARRY = 0x800000 - 0x3504F4
-_EXPONENT_MASK = 0x7F800000
 
 
 def _workspace(numel: int, device: torch.device) -> Tensor:
@@ -193,8 +194,7 @@ class ProbQuantizer(nn.Module):
     def __init__(self, name: str, bits: int, *, quantizer: str = "log2", scale: str = "per_prompt",
                  keep_start: bool = False, zero_level: bool = True, state: TimestepState | None = None):
         super().__init__()
-        if quantizer not in ("log2", "uniform"):
-            raise ValueError(f"probability quantizer must be 'log2' or 'uniform'; got {quantizer!r}.")
+        self.impl = PROB_QUANTIZERS.lookup(quantizer)  # how: the registered reference and in-place kernels
         if scale not in ("per_prompt", "batch", "static"):
             raise ValueError(f"probability scale must be 'per_prompt', 'batch' or 'static'; got {scale!r}.")
         self.name = name
@@ -311,23 +311,8 @@ class ProbQuantizer(nn.Module):
         """
         m = self.max_of(p)
         start = p[..., :1].clone() if self.keep_start and p.shape[-1] > 1 else None
-        if self.quantizer == "log2":
-            emax = 2**self.bits - 1
-            p.div_(m)
-            bits = p.view(torch.int32)
-            bits.add_(_SQRT2_CARRY)  # carry into the exponent iff mantissa >= sqrt(2): exact log-domain rounding
-            bits.bitwise_and_(_EXPONENT_MASK)  # -> 2^round(log2 r)  (r >= 0)
-            smallest = 2.0**-emax  # 0.0 in float32 for emax > 149
-            if self.zero_level:
-                torch.nn.functional.threshold_(p, smallest, 0.0)  # the exponent code 2^b - 1 means zero
-            else:
-                p.clamp_min_(smallest)
-            if self.scale_mode == "static":  # dynamic maxima give r <= 1 already (column 0 is overwritten)
-                p.clamp_max_(1.0)
-            mult = m
-        else:
-            mult = (m / (2**self.bits - 1)).clamp_min(SCALE_FLOOR)
-            p.div_(mult).round_().clamp_(0, 2**self.bits - 1)
+        # a static max can be exceeded; dynamic maxima give r <= 1 already (column 0 is overwritten)
+        mult = self.impl.levels_(p, m, self.bits, zero_level=self.zero_level, clamp_max=self.scale_mode == "static")
         if start is not None:
             p[..., :1] = 0.0
         return p, mult, start
@@ -335,11 +320,7 @@ class ProbQuantizer(nn.Module):
     def quantize(self, p: Tensor) -> Tensor:
         """Reference (allocating, autograd-friendly) quantization with :mod:`dgq_utils.core.quantizers`."""
         m = self.max_of(p)
-        if self.quantizer == "log2":
-            out = fake_quant_log2(p, m, self.bits, zero_level=self.zero_level)
-        else:
-            step = (m / (2**self.bits - 1)).clamp_min(SCALE_FLOOR)
-            out = fake_quant_uniform(p, step, 0.0, self.bits)
+        out = self.impl.fake_quant(p, m, self.bits, zero_level=self.zero_level)
         if self.keep_start:
             out[..., :1] = p[..., :1]  # <start> column passes through bit-exactly
         return out
@@ -391,6 +372,10 @@ class DGQAttnProcessor(nn.Module):
         self.enabled = True
         self.record_attention = False
         self.attention_stats: dict[int, AttentionStats] = {}
+        #: record hook ``record(processor, probs, query, key, value)`` (or ``None``): called on every call with
+        #: the float32 probabilities and the head-split Q/K/V of the reference path; while it is set, the
+        #: reference (materialising) path runs, so what is recorded is what the reference computes
+        self.record = None
 
     @property
     def original(self):
@@ -466,6 +451,8 @@ class DGQAttnProcessor(nn.Module):
             return "autograd is active"
         if self.record_attention:
             return "recording attention statistics"
+        if self.record is not None:
+            return "record hook set"
         pq = self.prob_quant
         if pq is not None and pq.mode not in ("off", "quant", "observe", "observe_quant", "init"):
             return f"probability quantizer in mode {pq.mode!r}"
@@ -513,7 +500,8 @@ class DGQAttnProcessor(nn.Module):
         return quant_attention(query, key, value, attn.scale, spec, static, row_stats=stats)
 
     def _attend_chunk(self, attn, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
-        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        if self.record is not None or (
+                torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
             return self._attend_chunk_reference(attn, query, key, value, mask)
         b, h, nq, _ = query.shape
         nk = key.shape[2]
@@ -542,6 +530,8 @@ class DGQAttnProcessor(nn.Module):
             scores = scores + mask.float()
         probs = scores.softmax(dim=-1)
         del scores
+        if self.record is not None:
+            self.record(self, probs, query, key, value)
         if self.record_attention:
             self._record(probs)
         if self.prob_quant is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dgq_utils import paths
+from dgq_utils.config import validation as V
 
 EMBEDDED_DIR = paths.embedded_dir()
 EMBEDDED_PIPELINE_DIR = EMBEDDED_DIR / "pipeline"
@@ -134,7 +135,7 @@ def resolve_model_path(model_id_or_path: str | Path | None = None) -> Path:
     name = str(model_id_or_path)
     if not _HUB_ID.match(name):
         raise FileNotFoundError(f"No such pipeline folder: {p}")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only for a hub id (a cache lookup); keeps import light
 
     try:
         return Path(snapshot_download(name, local_files_only=True))
@@ -151,8 +152,9 @@ def load_pipeline(model_id_or_path: str | Path | None = None, *, device: str | t
     keyword arguments go to ``from_pretrained`` (e.g. ``variant="fp16"``); the safety checker is not loaded
     unless the caller passes one. A folder holding another kind of pipeline raises :class:`UnsupportedPipeline`.
     """
-    import diffusers
+    import diffusers  # heavy (~2 s): imported when a pipeline is loaded, not when the package is
 
+    V.check_device(device)
     if dtype not in LOAD_DTYPES:
         raise TypeError(f"load_pipeline(dtype=...) must be one of {', '.join(map(str, LOAD_DTYPES))}; got {dtype!r}.")
     path = resolve_model_path(model_id_or_path)

@@ -20,11 +20,23 @@ Mappings (``QuantRecipe.timestep_mapping``; default first)
   careful user does not want. ``on_mismatch="nearest"`` instead uses the set whose calibrated ``t`` is nearest
   (earliest call on ties) and warns once per generation. Set it with :func:`set_timestep_mismatch_policy` or the
   ``on_timestep_mismatch=`` argument of ``quantize_pipeline`` / ``load_quant_state``.
+
+  **Warning, counted** (every mapping that approximates): with ``"nearest"``, the calls of one pipeline run that
+  used another call's parameter set are counted (a Python counter, no extra host sync) and one
+  ``RuntimeWarning`` at the last UNet call of the run names how many of how many calls fell outside the
+  calibrated sets. ``"error"`` raises at the first such call instead (see the official mapping below);
+  ``"strict"`` raises for every approximation, the official mapping's clamped index included.
 * ``"official"``: ``index = (T - t) // (T // num_inference_steps)`` with ``T = num_train_timesteps`` (1000),
   as in the official ``load_cali_model``. With PLMS this is off by one after the repeated step: t = 961 -> set 0,
   both t = 921 calls -> set 1, t = 881 -> set 2 (calibrated on the *second* t = 921 call), ..., and the last set
   is never used (see ``shared/dgq-official-code.md`` section 4). Indices are clamped to the calibrated range
-  (the official code would fail with an index error past the end, e.g. DDIM with ``steps_offset=0``).
+  (the official code would fail with an index error past the end, e.g. DDIM with ``steps_offset=0``). A call
+  falls outside the calibrated sets when its index had to be clamped, or when the run uses another number of
+  steps than calibration (the sets then belong to other timesteps). Another step count raises with the default
+  ``on_mismatch="error"``; with ``"nearest"`` it is counted and warned about like the exact mapping's
+  mismatches. A clamped index at the calibrated step count (DDIM with ``steps_offset=0``: the last call's index
+  is one past the end) is part of the official mapping: counted and warned about under ``"error"`` and
+  ``"nearest"``, an error under ``"strict"``.
 * ``per_timestep=False``: one set (index 0) for every call.
 
 How a new generation is detected: the controller keeps a reference to ``scheduler.timesteps`` of the pipeline it
@@ -45,7 +57,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAPPINGS = ("exact", "official", "shared")
-MISMATCH_POLICIES = ("error", "nearest")
+MISMATCH_POLICIES = ("error", "nearest", "strict")
 
 
 class TimestepState:
@@ -173,6 +185,7 @@ class TimestepController:
         self._host_ts = None
         self._inside_callback = False
         self._warned_this_generation = False
+        self._approximated = 0
         self._generation_schedule: list[float] = []
         self.calibration_generations = 0
 
@@ -198,6 +211,7 @@ class TimestepController:
         self.state.call_index = -1
         self._warned_this_generation = False
         self._generation_schedule = []
+        self._approximated = 0  # calls of this generation that used another call's parameter set
 
     def start_calibration(self) -> None:
         self.mode = "calibrate"
@@ -259,6 +273,8 @@ class TimestepController:
         self.state.call_index += 1
         self.state.t = t
         self.state.set_index = self._set_index(self.state.call_index, t)
+        if self._approximated and not self._warned_this_generation:
+            self._warn_if_last_call()
         if self.callback is not None:
             self._inside_callback = True
             try:
@@ -304,12 +320,48 @@ class TimestepController:
             raise RuntimeError("official timestep mapping needs num_inference_steps (none recorded).")
         total = self.num_train_timesteps
         idx = int((total - int(round(t))) // (total // int(steps)))
-        return min(max(idx, 0), self.num_sets - 1)
+        clamped = min(max(idx, 0), self.num_sets - 1)
+        other_steps = self.num_inference_steps is not None and int(steps) != int(self.num_inference_steps)
+        if (other_steps and self.on_mismatch == "error") or (self.on_mismatch == "strict" and clamped != idx):
+            if not other_steps:
+                raise RuntimeError(
+                    f"DGQ official timestep mapping: UNet call {self.state.call_index} (t = {t:g}) has official index "
+                    f"{idx}, outside the {self.num_sets} calibrated sets (on_timestep_mismatch='strict'). Use the "
+                    "exact mapping, a scheduler with steps_offset=1, or the default policy 'error' (clamps with a "
+                    "warning).")
+            raise RuntimeError(
+                f"DGQ official timestep mapping: this run samples {steps} steps but the parameter sets were "
+                f"calibrated for {self.num_inference_steps}, so UNet call {self.state.call_index} (t = {t:g}) "
+                "would use a set calibrated for another timestep. Re-calibrate with the same scheduler and "
+                "num_inference_steps, or accept the clamped sets (with a warning per pipeline call) with "
+                "set_timestep_mismatch_policy(pipe, 'nearest') / on_timestep_mismatch='nearest'.")
+        if clamped != idx or other_steps:
+            self._approximated += 1
+        return clamped
+
+    def _warn_if_last_call(self) -> None:
+        """One warning per generation, at its last UNet call (or at once when no scheduler tells the length)."""
+        sched = self._scheduler()
+        ts = getattr(sched, "timesteps", None) if sched is not None else None
+        calls = len(ts) if ts is not None else None
+        if calls is not None and self.state.call_index + 1 < calls:
+            return
+        of = f" of {calls}" if calls is not None else " so far"
+        stricter = "error" if self.on_mismatch == "nearest" else "strict"
+        warnings.warn(
+            f"DGQ ({self.mapping} timestep mapping): {self._approximated}{of} UNet calls of this pipeline run fell "
+            f"outside the calibrated parameter sets (calibrated: {_fmt(self.schedule)}) and used the nearest "
+            "calibrated t / a clamped set instead. Re-calibrate with this scheduler and num_inference_steps, or make "
+            f"this an error with set_timestep_mismatch_policy(pipe, {stricter!r}).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        self._warned_this_generation = True
 
     def _exact_index(self, i: int, t: float) -> int:
         if i < len(self.schedule) and self.schedule[i] == t:
             return i
-        if self.on_mismatch == "error":
+        if self.on_mismatch in ("error", "strict"):
             sched = self._scheduler()
             current = getattr(sched, "timesteps", None)
             current = [float(v) for v in current.tolist()] if current is not None else "unknown"
@@ -321,14 +373,7 @@ class TimestepController:
                 "scheduler and num_inference_steps, or allow the nearest calibrated timestep with "
                 "set_timestep_mismatch_policy(pipe, 'nearest')."
             )
-        if not self._warned_this_generation:
-            warnings.warn(
-                f"DGQ: UNet call {i} has t = {t:g}, not in the calibrated schedule at that position; using the "
-                "parameter set of the nearest calibrated t (warned once per generation).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._warned_this_generation = True
+        self._approximated += 1
         dist = [abs(s - t) for s in self.schedule]
         return int(min(range(len(dist)), key=lambda j: (dist[j], j)))
 

@@ -148,3 +148,49 @@ def out_of_vocabulary_words(tok: CLIPTokenizer, prompt: str) -> list[str]:
         if len(tok(word)["input_ids"]) != 3:
             unknown.append(word)
     return unknown
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts outside a word-level vocabulary
+# ----------------------------------------------------------------------------------------------------------
+#: a tokenizer with fewer tokens than this is taken as word-level (the embedded and tiny models: a few hundred);
+#: SD's BPE CLIPTokenizer has 49,408 and can spell any text, so it is never checked
+WORD_LEVEL_MAX_VOCAB = 5000
+
+
+class UnknownWordsWarning(UserWarning):
+    """Prompts contain words a word-level tokenizer does not know. Make it an error with
+    ``warnings.simplefilter("error", UnknownWordsWarning)`` (or ``-W error::...UnknownWordsWarning``)."""
+
+
+def is_word_level(tok) -> bool:
+    """Whether ``tok`` is a small word-level vocabulary (unknown words fall apart into characters / EOS)."""
+    return int(getattr(tok, "vocab_size", WORD_LEVEL_MAX_VOCAB)) < WORD_LEVEL_MAX_VOCAB
+
+
+def unknown_words(tok, prompts) -> list[str]:
+    """The distinct words of ``prompts`` (first-appearance order) that ``tok`` does not know as whole words;
+    always ``[]`` for a real (BPE) tokenizer."""
+    if tok is None or not is_word_level(tok):
+        return []
+    words = dict.fromkeys(w for p in prompts for w in p.lower().replace(",", " ").replace(".", " ").split())
+    return [w for w in words if len(tok(w)["input_ids"]) != 3]
+
+
+def warn_unknown_words(pipe, prompts, name: str = "prompts", limit: int = 12) -> list[str]:
+    """One :class:`UnknownWordsWarning` listing the words of ``prompts`` outside ``pipe``'s word-level vocabulary
+    (nothing for real SD tokenizers). Returns the unknown words."""
+    import warnings
+
+    tok = getattr(pipe, "tokenizer", None)
+    unknown = unknown_words(tok, prompts)
+    if unknown:
+        shown = ", ".join(repr(w) for w in unknown[:limit]) + (f", ... ({len(unknown)} in all)"
+                                                                if len(unknown) > limit else "")
+        warnings.warn(
+            f"{name}: {len(unknown)} word(s) are not in the model's word-level vocabulary ({tok.vocab_size} tokens) "
+            f"and become character or end-of-text tokens the model was never trained on: {shown}. Use the "
+            "vocabulary's words (data/embedded/README.md lists them), or make this an error with "
+            "warnings.simplefilter('error', dgq_utils.model.tokenizer.UnknownWordsWarning).",
+            UnknownWordsWarning, stacklevel=3)
+    return unknown

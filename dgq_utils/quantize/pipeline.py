@@ -3,7 +3,7 @@
 ::
 
     from dgq_utils.quantize.pipeline import quantize_pipeline, dequantize_pipeline, save_quant_state, load_quant_state
-    report = quantize_pipeline(pipe, "dgq-w8a6", calibration_prompts, num_inference_steps=25)
+    report = quantize_pipeline(pipe, "dgq-w8a6", calibration_prompts, SamplerSettings(num_inference_steps=25))
     print(report.summary()); report.layers            # per layer: axis, K, bits
     images = pipe(prompts, num_inference_steps=25).images
     save_quant_state(pipe, "dgq-w8a6.safetensors")     # one file: tensors + recipe + calibration metadata
@@ -34,7 +34,8 @@ Guarantees (tested): ``dequantize_pipeline`` restores the very same module and p
 bit-identical to before; ``unet.state_dict()`` is unchanged while quantized (the quantized twins share the
 original Parameters and keep their own tensors out of the state dict); ``save_quant_state`` + ``load_quant_state``
 onto a freshly built pipeline reproduces images bit-identically without calibration; loading onto a different
-architecture raises a ``ValueError`` naming the first mismatching layer.
+architecture or attention layout, or loading a changed, truncated or foreign file, raises a ``QuantStateError``
+(a ``ValueError``) naming the file and every problem (see :mod:`dgq_utils.quantize.state`).
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ from torch import nn
 
 from dgq_utils.calibrate.calibration import calibrate, needs_calibration
 from dgq_utils.config import QuantRecipe, get_preset
+from dgq_utils.config.sampler import SamplerSettings, takes_sampler
+from dgq_utils.config.validation import check_choice, check_prompts, check_seed
 from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer
 from dgq_utils.model.layers import ActQuantizer, QuantConv2d, QuantLinear
-from dgq_utils.model.timesteps import TimestepController, TimestepState, mapping_for
+from dgq_utils.model.timesteps import MISMATCH_POLICIES, TimestepController, TimestepState, mapping_for
 
 __all__ = [
     "QuantState",
@@ -80,6 +83,17 @@ class QuantState:
     skipped: list[str] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     architecture: list[dict] = field(default_factory=list)
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        """Every activation quantizer: the layers' inputs (module order), then each attention's Q/K/V."""
+        out = [layer.act for layer in self.layers.values() if layer.act is not None]
+        for proc in self.processors.values():
+            out += [q for role, q in proc.quantizers().items() if role != "prob"]
+        return out
+
+    def prob_quantizers(self) -> list[ProbQuantizer]:
+        """Every attention's softmax-output quantizer."""
+        return [p.prob_quant for p in self.processors.values() if p.prob_quant is not None]
 
 
 @dataclass
@@ -174,10 +188,10 @@ def is_quantized(pipe) -> bool:
 
 
 def set_timestep_mismatch_policy(pipe, policy: str) -> None:
-    """``"error"`` (default) or ``"nearest"``: what happens when a UNet call's ``t`` is not the calibrated one."""
+    """``"error"`` (default), ``"nearest"`` or ``"strict"``: what happens when a UNet call's ``t`` is not the
+    calibrated one (see :mod:`dgq_utils.model.timesteps`)."""
     qs = require_state(pipe)
-    if policy not in ("error", "nearest"):
-        raise ValueError(f"policy must be 'error' or 'nearest'; got {policy!r}.")
+    check_choice(policy, "policy", MISMATCH_POLICIES)
     qs.controller.on_mismatch = policy
 
 
@@ -291,26 +305,24 @@ def dequantize_pipeline(pipe) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # quantize
 # ----------------------------------------------------------------------------------------------------------
+@takes_sampler
 def quantize_pipeline(
     pipe,
     recipe: QuantRecipe | str,
     calibration_prompts: list[str],
-    *,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    height: int | None = None,
-    width: int | None = None,
+    sampler: SamplerSettings | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    *,
     progress: bool = True,
     on_timestep_mismatch: str = "error",
 ) -> QuantizationReport:
     """Quantize ``pipe``'s UNet in place with ``recipe`` (a :class:`QuantRecipe` or a preset name) and calibrate.
 
-    Calibration runs ``calibration_prompts`` through the pipeline with the *same* sampler settings you will
-    generate with: ``num_inference_steps``, ``guidance_scale`` (CFG doubles the batch, as in sampling),
-    ``height``/``width`` (pixel-wise groups are tied to the resolution), seeds ``seed + batch_index``, batches of
-    ``batch_size`` prompts. With ``timestep_mapping="exact"`` a later generation with another sampler or step
+    Calibration runs ``calibration_prompts`` through the pipeline with the *same* ``sampler``
+    (:class:`~dgq_utils.config.SamplerSettings`) you will generate with: steps, guidance (CFG doubles the batch,
+    as in sampling), height/width (pixel-wise groups are tied to the resolution), batches of ``batch_size``
+    prompts (default :data:`~dgq_utils.calibrate.trace.TRACE_SAMPLER`: 25 steps, guidance 7.5, 8 per batch),
+    seeds ``seed + batch_index``. With ``timestep_mapping="exact"`` a later generation with another sampler or step
     count raises (``on_timestep_mismatch="error"``, default) or uses the nearest calibrated timestep
     (``"nearest"``, with a warning). Skipped layers and their reason: see the module docstring (``conv_in`` /
     ``conv_out`` FP like the official code; text encoder and VAE always FP).
@@ -324,19 +336,15 @@ def quantize_pipeline(
         raise RuntimeError("This pipeline is already quantized; call dequantize_pipeline(pipe) first.")
     calib = needs_calibration(recipe)
     if calib:
-        from dgq_utils.calibrate.trace import check_prompts
-
-        calibration_prompts = check_prompts(calibration_prompts)
+        calibration_prompts = check_prompts(calibration_prompts, "calibration_prompts")
+    check_seed(seed)
+    check_choice(on_timestep_mismatch, "on_timestep_mismatch", MISMATCH_POLICIES)
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
             qs = install(pipe, recipe, quantize_weights=True, on_timestep_mismatch=on_timestep_mismatch)
         if calib:
-            qs.calibration = calibrate(
-                pipe, qs, calibration_prompts, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, height=height, width=width, seed=seed, batch_size=batch_size,
-                progress=progress,
-            )
+            qs.calibration = calibrate(pipe, qs, calibration_prompts, sampler, seed, progress=progress)
         else:
             for layer in qs.layers.values():
                 layer.set_mode("quant")
@@ -351,7 +359,7 @@ def quantize_pipeline(
 
 
 def build_report(qs: QuantState, seconds: float) -> QuantizationReport:
-    import pandas as pd
+    import pandas as pd  # the report's tables only: keeps the quantization floor's import free of pandas
 
     recipe = qs.recipe
     act_bits = recipe.activations.bits if recipe.activations is not None else 32

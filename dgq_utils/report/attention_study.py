@@ -10,7 +10,9 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from dgq_utils.model.attention import attention_epilogue, attention_prologue
+from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace
+from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
+from dgq_utils.model.attention import ProbQuantizer
 from dgq_utils.report.layer_names import short_name, unet_rank
 
 __all__ = [
@@ -25,40 +27,6 @@ __all__ = [
 # ==============================================================================================================
 # 03: attention
 # ==============================================================================================================
-class _CaptureProcessor:
-    """Explicit attention (``softmax(QK^T * scale) V``, softmax in float32) that records what it computes.
-
-    Built on diffusers' public ``Attention`` helpers; numerically the same attention as the default processor
-    up to float rounding. ``sink`` receives per-key mass for every call and full probabilities / values for the
-    selected layers and timesteps.
-    """
-
-    def __init__(self, name: str, kind: str, sink: "AttentionCapture", state, full: bool, full_timesteps):
-        self.name, self.kind, self.sink, self.state = name, kind, sink, state
-        self.full, self.full_timesteps = full, set(full_timesteps)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual, hidden_states, ctx, spatial = attention_prologue(attn, hidden_states, encoder_hidden_states, temb)
-        batch = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key, value = attn.to_k(ctx), attn.to_v(ctx)
-        heads = attn.heads
-        d = key.shape[-1] // heads
-        q = query.view(batch, -1, heads, d).transpose(1, 2)
-        k = key.view(batch, -1, heads, d).transpose(1, 2)
-        v = value.view(batch, -1, heads, d).transpose(1, 2)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
-            scores = scores + mask.view(batch, heads, -1, mask.shape[-1]).float()
-        probs = scores.softmax(dim=-1)
-        ti = self.state.set_index
-        self.sink._record(self.name, self.kind, ti, probs, v, self.full and ti in self.full_timesteps)
-        out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(batch, -1, heads * d)
-        return attention_epilogue(attn, out, residual, spatial)
-
-
 @dataclass
 class AttentionCapture:
     """What :func:`capture_attention` recorded.
@@ -84,14 +52,16 @@ class AttentionCapture:
     skipped: list[str] = field(default_factory=list)
     _parts: dict = field(default_factory=dict, repr=False)
 
-    def _record(self, name, kind, ti, probs, v, full):
+    def record(self, name, kind, ti, probs, v, full):
+        """Add one call's attention of layer ``name`` at timestep index ``ti`` (full tensors if ``full``)."""
         self.kinds[name] = kind
         self._parts.setdefault(("mass", name, ti), []).append(probs.mean(dim=(1, 2)).detach().cpu())
         if full:
             self._parts.setdefault(("probs", name, ti), []).append(probs.detach().cpu().clone())
             self._parts.setdefault(("values", name, ti), []).append(v.detach().float().cpu().clone())
 
-    def _finish(self):
+    def finish(self):
+        """Concatenate the recorded batches (called once, after the run)."""
         for (what, name, ti), parts in self._parts.items():
             target = {"mass": self.key_mass, "probs": self.probs, "values": self.values}[what]
             target[(name, ti)] = torch.cat(parts)
@@ -101,73 +71,66 @@ class AttentionCapture:
         return [n for n, k in self.kinds.items() if kind is None or k == kind]
 
 
+@takes_sampler
 @torch.no_grad()
 def capture_attention(
     pipe,
     prompts: Sequence[str],
-    *,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    sampler: SamplerSettings | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    *,
     full_layers: Sequence[str] | None = None,
     full_timesteps: Sequence[int] | None = None,
     max_elements_per_sample: int = 2**23,
-    height: int | None = None,
-    width: int | None = None,
     progress: bool = True,
 ) -> AttentionCapture:
     """Run ``prompts`` through the FP pipeline and record the attention of every UNet attention layer.
 
+    ``sampler``: steps, guidance, resolution and batch size (default
+    :data:`~dgq_utils.calibrate.trace.TRACE_SAMPLER`); batch ``i`` is seeded ``seed + i``.
     Per-key mass is kept for every layer, timestep and sample (small). Full probabilities and values are kept for
     ``full_layers`` (default: every attention) at ``full_timesteps`` (UNet-call indices; default: first, middle,
     last), except layers whose probabilities exceed ``max_elements_per_sample`` per sample (e.g. SD v1.4's
     64x64 self-attention, 8 x 4096^2 values) unless named explicitly -- those are listed in ``skipped``.
-    The pipeline's processors are restored afterwards.
+    The attention is the engine's :class:`~dgq_utils.model.attention.DGQAttnProcessor` (quantizers off) with a
+    record hook; the pipeline's processors are restored afterwards.
     """
-    from tqdm.auto import tqdm
-
-    from dgq_utils.calibrate.trace import run_prompts
-    from dgq_utils.model.timesteps import TimestepController
-
+    sampler = check_sampler(sampler, TRACE_SAMPLER, "capture_attention")
     unet = pipe.unet
     prompts = list(prompts)
     cap = AttentionCapture(prompts)
-    original = dict(unet.attn_processors)
-    controller = TimestepController(mapping="exact")
-    state = controller.state
-    n_calls = num_inference_steps + (1 if type(pipe.scheduler).__name__ == "PNDMScheduler" else 0)
+    n_calls = sampler.num_inference_steps + (1 if type(pipe.scheduler).__name__ == "PNDMScheduler" else 0)
     tis = set(full_timesteps) if full_timesteps is not None else {0, n_calls // 2, n_calls - 1}
-    lat = int(pipe.unet.config.sample_size) if height is None else height // int(pipe.vae_scale_factor)
-    procs = {}
-    for key in original:
+    lat = int(unet.config.sample_size) if sampler.height is None else sampler.height // int(pipe.vae_scale_factor)
+    explicit_layers = set(full_layers) if full_layers is not None else set()
+    full: dict[str, bool] = {}
+    for key in unet.attn_processors:
         name = key[: -len(".processor")]
         attn = unet.get_submodule(name)
         kind = "cross" if attn.is_cross_attention else "self"
-        explicit = full_layers is not None and name in set(full_layers)
-        full = full_layers is None or explicit
-        if full and not explicit:
+        explicit = name in explicit_layers
+        full[name] = full_layers is None or explicit
+        if full[name] and not explicit:
             # queries at this layer: the latent side of its resolution level, squared
             level = _attention_level(name, len(unet.config.block_out_channels))
             nq = (lat // 2**level) ** 2
             nk = 77 if kind == "cross" else nq
             if attn.heads * nq * nk > max_elements_per_sample:
-                full = False
+                full[name] = False
                 cap.skipped.append(name)
-        procs[key] = _CaptureProcessor(name, kind, cap, state, full, tis)
-    unet.set_attn_processor(procs)
-    controller.install(unet, pipe)
-    try:
-        run_prompts(pipe, prompts, num_inference_steps, guidance_scale, seed, batch_size, height, width,
-                     progress, desc="capturing attention", tqdm=tqdm)
-    finally:
-        controller.remove()
-        unet.set_attn_processor(original)
-    cap._finish()
-    cap.timesteps = list(controller.schedule)
-    cfg = guidance_scale > 1
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(start + batch_size, len(prompts))))
+
+    def record(proc, probs, query, key, value):
+        ti = proc.state.set_index
+        cap.record(proc.name, proc.kind, ti, probs, value, full[proc.name] and ti in tis)
+
+    with Trace(pipe, sampler, seed, progress=progress, desc="capturing attention") as trace:
+        trace.on_attention(record)
+        cap.timesteps = trace.run(prompts)
+    cap.finish()
+    bs = sampler.batch_size
+    cfg = sampler.guidance_scale > 1
+    for start in range(0, len(prompts), bs):
+        idx = list(range(start, min(start + bs, len(prompts))))
         if cfg:
             cap.sample_prompt += idx + idx
             cap.sample_half += ["uncond"] * len(idx) + ["cond"] * len(idx)
@@ -210,8 +173,6 @@ def start_mass_table(stats) -> pd.DataFrame:
 
 
 def _prob_quant(p: torch.Tensor, quantizer: str, bits: int, scale: str, keep_start: bool) -> torch.Tensor:
-    from dgq_utils.model.attention import ProbQuantizer
-
     pq = ProbQuantizer("analysis", bits, quantizer=quantizer, scale=scale, keep_start=keep_start, zero_level=True)
     pq.mode = "quant"
     return pq.quantize(p)

@@ -6,7 +6,9 @@
 
 Every notebook gets the parameters its `parameters` cell declares (so ``-p n_prompts 2000`` reaches 04-06 and
 not 01-03); a name that no notebook of the chain declares (a typo such as ``-p n_promts``) stops the chain
-before anything runs, instead of being silently ignored. Executed copies and HTML exports go to the output
+before anything runs, instead of being silently ignored; so does a value of the wrong type or out of range
+(``-p n_prompts abc``, ``-p n_prompts -5``: checked against the notebooks' declared defaults by
+:mod:`dgq_utils.report.parameters`, naming the parameter). Executed copies and HTML exports go to the output
 folder; the source notebooks stay output-free. A failing cell stops the chain with a message naming the
 notebook, the cell and the error.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgq_utils import paths
+from dgq_utils.report.parameters import check_chain_parameters
 
 ROOT = paths.REPO_ROOT
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -95,12 +98,16 @@ def run_chain(
     parameters = dict(parameters or {})
     out_dir = Path(out_dir)
     books = [Path(b) for b in (notebooks or list_notebooks())]
-    declared = {book: set(pm.inspect_notebook(str(book))) for book in books}
+    inspected = {book: pm.inspect_notebook(str(book)) for book in books}
+    declared = {book: set(specs) for book, specs in inspected.items()}
     unknown = sorted(set(parameters) - set().union(*declared.values()))
     if unknown:
         known = ", ".join(sorted(set().union(*declared.values())))
         raise ChainError(f"unknown parameter(s) {', '.join(unknown)}: no notebook of the chain declares them. "
                          f"Parameters they declare: {known}.")
+    bad = check_chain_parameters(parameters, inspected)
+    if bad:
+        raise ChainError("bad parameter value(s), nothing was run:\n  " + "\n  ".join(bad))
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[NotebookRun] = []
     total = len(books)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dgq_utils.calibrate.trace import TRACE_SAMPLER
 from dgq_utils.config import get_preset
 from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
 
@@ -120,7 +121,8 @@ def run_demo(out: str | Path = "figures/demo_grid.png", model: str | None = None
     rows, labels, fp_row = [], [], None
     for recipe in demo_recipes():
         if not recipe.is_fp:
-            quantize_pipeline(pipe, recipe, calib, num_inference_steps=steps, seed=1000 + seed, progress=progress)
+            quantize_pipeline(pipe, recipe, calib, TRACE_SAMPLER.replace(num_inference_steps=steps), 1000 + seed,
+                              progress=progress)
         try:
             images = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.5,
                           generator=torch.Generator().manual_seed(seed), output_type="np").images

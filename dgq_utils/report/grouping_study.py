@@ -9,6 +9,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace
+from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
+from dgq_utils.core.grouping import (
+    assign_groups,
+    axis_scores,
+    decide_axis,
+    fake_quant_along_axis,
+    per_index_qparams,
+)
+from dgq_utils.core.quantizers import fake_quant_uniform, uniform_qparams
+from dgq_utils.core.stats import axes_for
 from dgq_utils.report.layer_names import (
     block_of,
     quantized_inputs,
@@ -41,8 +52,6 @@ def axis_decision_table(stats, rules: Sequence[str] = RULES, *, quantized_only: 
     with one axis only (the 2-D time-embedding inputs) is ``"channel (only axis)"``: it is quantized per tensor
     in group mode anyway.
     """
-    from dgq_utils.core.grouping import axis_scores, decide_axis
-
     rows = []
     for st, row in stats_rows(stats, quantized_only):
         for rule in rules:
@@ -72,29 +81,27 @@ def decision_summary(decisions: pd.DataFrame, rules: Sequence[str] = RULES) -> p
     return out.reset_index()
 
 
+@takes_sampler
 @torch.no_grad()
 def group_error_sweep(
     pipe,
     calib,
     prompts: Sequence[str],
+    sampler: SamplerSettings | None = None,
+    seed: int = 1,
     *,
     bits: int = 6,
     ks: Sequence[int] = (1, 2, 4, 8, 16),
     methods: Sequence[str] = ("contiguous", "sorted", "kmeans"),
     layers: Sequence[str] | None = None,
     timestep_indices: Sequence[int] | None = None,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    seed: int = 1,
-    batch_size: int = 8,
-    height: int | None = None,
-    width: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Quantization error of held-out activations, per layer, from per-tensor to ``K`` groups.
 
     Groups and ranges come from the calibration statistics ``calib`` (an
-    :class:`~dgq_utils.calibrate.observe.ActivationStats` of *other* prompts, same sampler settings); the error is
+    :class:`~dgq_utils.calibrate.observe.ActivationStats` of *other* prompts, same ``sampler`` -- default
+    :data:`~dgq_utils.calibrate.trace.TRACE_SAMPLER`; batch ``i`` seeded ``seed + i``); the error is
     measured on the inputs every ``nn.Linear`` / ``nn.Conv2d`` of the FP UNet sees while ``prompts`` are sampled
     (``layers``: names to include, default all in ``calib``; ``timestep_indices``: UNet-call indices, default
     all), so clipping of values outside the calibrated ranges counts -- this is how a calibrated quantizer is
@@ -106,20 +113,7 @@ def group_error_sweep(
     ``sqnr_db`` (``10 log10(E[x^2] / mse)``), ``k_used``, ``official_axis`` / ``ratio_axis`` (what the two
     rules pick on the calibration statistics).
     """
-    from tqdm.auto import tqdm
-
-    from dgq_utils.calibrate.trace import run_prompts
-    from dgq_utils.core.grouping import (
-        assign_groups,
-        decide_axis,
-        fake_quant_along_axis,
-        per_index_qparams,
-    )
-    from dgq_utils.core.quantizers import fake_quant_uniform, uniform_qparams
-    from dgq_utils.core.stats import axes_for
-    from dgq_utils.model.timesteps import TimestepController
-
-    unet = pipe.unet
+    sampler = check_sampler(sampler, TRACE_SAMPLER, "group_error_sweep")
     names = quantized_inputs(sorted((n for n, (lt, _) in calib.layers.items() if lt in ("linear", "conv")),
                                     key=unet_rank))
     if layers is not None:
@@ -128,14 +122,13 @@ def group_error_sweep(
         if missing:
             raise KeyError(f"no calibration statistics for {sorted(missing)[:3]}")
         names = [n for n in names if n in wanted]
-    modules = dict(unet.named_modules())
     all_ti = sorted({ti for n in names for ti in calib.layers[n][1]})
     tis = set(all_ti if timestep_indices is None else timestep_indices)
     acc: dict[tuple, list[float]] = {}  # (layer, ti, axis, method, k) -> [sum sq err, count]
     energy: dict[tuple, list[float]] = {}
     plans: dict[tuple, tuple] = {}
-    controller = TimestepController(mapping="exact")
-    state = controller.state
+    trace = Trace(pipe, sampler, seed, progress=progress, desc="group-error sweep")
+    state = trace.state
 
     def plan(name, ti, axis, method, k, st_axis):
         key = (name, ti, axis, method, k)
@@ -150,11 +143,12 @@ def group_error_sweep(
         a = acc.setdefault(key, [0.0, 0])
         a[0] += err
 
-    def hook(mod, args, _name, _lt):
+    def hook(_name, mod, x):
         ti = state.set_index
         if ti not in tis:
             return
-        x = args[0].detach().float()
+        _lt = calib.layers[_name][0]
+        x = x.detach().float()
         st = calib.stats(_name, ti)
         ch, px = axes_for(x, "linear" if _lt == "linear" else "conv")
         e = energy.setdefault((_name, ti), [0.0, 0])
@@ -175,20 +169,10 @@ def group_error_sweep(
                     err = fake_quant_along_axis(x, scale.to(x.device), zp.to(x.device), bits, dims) - x
                     add((_name, ti, axis, method, k), float(err.double().pow(2).sum()))
 
-    handles = []
-    for name in names:
-        lt = calib.layers[name][0]
-        handles.append(modules[name].register_forward_pre_hook(
-            lambda mod, args, _n=name, _lt=lt: hook(mod, args, _n, _lt)))
-    controller.install(unet, pipe)
-    try:
-        run_prompts(pipe, list(prompts), num_inference_steps, guidance_scale, seed, batch_size, height, width,
-                     progress, desc="group-error sweep", tqdm=tqdm)
-    finally:
-        controller.remove()
-        for h in handles:
-            h.remove()
-    schedule = list(controller.schedule)
+    selected = set(names)
+    with trace:
+        trace.on_layer_input(hook, selected.__contains__)
+        schedule = trace.run(list(prompts))
     if calib.timesteps and schedule[: len(calib.timesteps)] != list(calib.timesteps)[: len(schedule)]:
         raise ValueError("the sweep's sampling schedule differs from the calibration statistics' schedule; use "
                          "the same scheduler and num_inference_steps for both")
@@ -265,8 +249,6 @@ def axis_rule_accuracy(sweep: pd.DataFrame, *, method: str = "kmeans", k: int | 
 def example_groups(stats_axis, k: int = 8, methods: Sequence[str] = ("contiguous", "sorted", "kmeans"),
                    seed: int = 0) -> pd.DataFrame:
     """Per index of one axis: ``min``, ``max`` and the group id under each method (for the groups figure)."""
-    from dgq_utils.core.grouping import assign_groups
-
     k = min(k, stats_axis.n)
     df = pd.DataFrame({"index": np.arange(stats_axis.n), "min": stats_axis.mins.cpu().numpy(),
                        "max": stats_axis.maxs.cpu().numpy()})

@@ -16,6 +16,9 @@ import tempfile
 
 import torch
 
+from dgq_utils.model.tokenizer import build_word_level_tokenizer
+from dgq_utils.testing.tiny import make_scheduler
+
 __all__ = ["SD15_UNET", "SD15_VAE", "SD15_TEXT", "BENCH_WORDS", "bench_prompts", "build_sd15_pipeline"]
 
 #: SD v1.5 ``unet/config.json`` (architecture-defining values)
@@ -69,9 +72,6 @@ def build_sd15_pipeline(*, device: str | torch.device = "cuda", dtype: torch.dty
     a few thousand times smaller, for CPU smoke tests). ``scheduler``: ``"pndm"`` (SD's default) or ``"ddim"``."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from dgq_utils.model.tokenizer import build_word_level_tokenizer
-    from dgq_utils.testing.tiny import make_scheduler
 
     with tempfile.TemporaryDirectory(prefix="dgq_sd15_tok_") as folder:
         tokenizer = build_word_level_tokenizer(BENCH_WORDS, folder, model_max_length=77)

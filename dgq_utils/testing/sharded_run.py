@@ -18,6 +18,7 @@ import torch
 
 from dgq_utils.atomic import atomic_write_json
 from dgq_utils.config import SamplerSettings
+from dgq_utils.calibrate.trace import TRACE_SAMPLER
 from dgq_utils.generate.sharding import generate_sharded, process_shard, quantize_once
 from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     settings = SamplerSettings(num_inference_steps=2, guidance_scale=7.5, batch_size=2)
     existed = (out / "state.safetensors").exists()
     quantize_once(pipe, args.recipe, list(TINY_PROMPTS[:4]), out / "state.safetensors", shard=shard,
-                  num_inference_steps=2, guidance_scale=7.5, progress=False)
+                  sampler=TRACE_SAMPLER.replace(num_inference_steps=2, guidance_scale=7.5), progress=False)
     prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(args.n_prompts)]
     written = []
 

@@ -26,6 +26,8 @@ import tempfile
 
 import torch
 
+from dgq_utils.model.tokenizer import build_word_level_tokenizer
+
 TINY_WORDS: tuple[str, ...] = (
     "a", "an", "the", "of", "in", "on", "at", "with", "and", "near", "under", "over",
     "painting", "drawing", "picture", "sketch",
@@ -75,8 +77,6 @@ def make_scheduler(kind: str = "ddim"):
 
 def build_tiny_tokenizer(words=TINY_WORDS, model_max_length: int = 77):
     """The offline word-level ``CLIPTokenizer`` for ``words`` (written to a temporary folder, then loaded)."""
-    from dgq_utils.model.tokenizer import build_word_level_tokenizer
-
     with tempfile.TemporaryDirectory(prefix="dgq_tiny_tok_") as folder:
         return build_word_level_tokenizer(words, folder, model_max_length=model_max_length)
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from dgq_utils import paths
 from dgq_utils.world import scenes as W
+from dgq_utils.world.evaluator import images_to_tensor
+from dgq_utils.world.text import load_world_tokenizer, tokenize
 
 DEFAULT_CLIP_DIR = paths.embedded_dir() / "clip"
 
@@ -80,16 +82,12 @@ class _Tokenizer:
         self.tok = tok
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        from dgq_utils.world.text import tokenize
-
         return tokenize(self.tok, [texts] if isinstance(texts, str) else list(texts))
 
 
 def load_world_clip(path: str | Path | None = None, device="cpu"):
     """``(model, preprocess, tokenizer)`` of the shipped small CLIP (``data/embedded/clip``), offline."""
-    from transformers import CLIPModel
-
-    from dgq_utils.world.text import load_world_tokenizer
+    from transformers import CLIPModel  # the model class only when a CLIP is loaded
 
     path = Path(path) if path is not None else DEFAULT_CLIP_DIR
     if not (path / "config.json").exists():
@@ -109,8 +107,6 @@ def clip_score(images, prompts: Sequence[str], model=None, preprocess=None, toke
     """
     if model is None:
         model, preprocess, tokenizer = load_world_clip()
-    from dgq_utils.world.evaluator import images_to_tensor
-
     dev = next(model.parameters()).device
     if isinstance(images, (list, tuple)) and hasattr(images[0], "convert"):
         x = torch.stack([preprocess(im) for im in images])

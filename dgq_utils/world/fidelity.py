@@ -11,19 +11,14 @@ from __future__ import annotations
 import torch
 
 from dgq_utils import paths
+from dgq_utils.world.evaluator import AttributeEvaluator, images_to_tensor, is_logits
 
 NAME = "dgq-world-evaluator"
 DEFAULT_EVALUATOR_DIR = paths.embedded_dir() / "evaluator"
 
 
 def _extractor_class():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    from dgq_utils.world.evaluator import (
-        AttributeEvaluator,
-        images_to_tensor,
-        is_logits,
-    )
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase  # optional dependency, used here only
 
     class WorldEvaluatorFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):

@@ -1,4 +1,4 @@
-"""Measure the two distributions DGQ is about on a trained UNet (plain hooks, nothing engineered).
+"""Measure the two distributions DGQ is about on a trained UNet (hooks of the engine's trace harness, FP model).
 
 1. Per-channel activation ranges of the inputs of every ``nn.Linear``/``nn.Conv2d`` of the UNet: at each
    sampling step, each input channel's range (max - min over batch, pixels/tokens); per layer the ratio
@@ -16,75 +16,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from dgq_utils.model.attention import attention_epilogue, attention_prologue
-
-
-class _CrossAttnRecorder:
-    """Attention processor with the classic (explicit softmax) computation that records key masses."""
-
-    def __init__(self, name: str, store: dict, state: dict):
-        self.name, self.store, self.state = name, store, state
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual, hidden_states, ctx, spatial = attention_prologue(attn, hidden_states, encoder_hidden_states, temb)
-        batch = hidden_states.shape[0]
-        cross = encoder_hidden_states is not None
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(ctx))
-        v = attn.head_to_batch_dim(attn.to_v(ctx))
-        mask = attn.prepare_attention_mask(attention_mask, ctx.shape[1], batch)
-        probs = attn.get_attention_scores(q, k, mask)                     # (batch*heads, Nq, Nk)
-        if cross:
-            per_key = probs.float().view(batch, attn.heads, probs.shape[1], probs.shape[2]).mean((1, 2))
-            self.store[self.name][self.state["step"]].append(per_key.cpu())
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attention_epilogue(attn, out, residual, spatial)
+from dgq_utils.calibrate.trace import Trace
+from dgq_utils.config.sampler import SamplerSettings
 
 
 @torch.no_grad()
 def measure(pipe, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 7.5,
             seed: int = 0) -> dict:
-    """Run the pipeline once on ``prompts`` with hooks; return the phenomena summary (JSON-able)."""
-    unet = pipe.unet
-    state = {"step": -1}
+    """Run the pipeline once on ``prompts`` (one batch, generator seeded ``seed``) with hooks on every
+    Linear/Conv2d input and the cross-attention probabilities (the engine's trace harness); return the
+    phenomena summary (JSON-able)."""
     ranges: dict = defaultdict(dict)        # layer -> step -> (min, max) per channel
     attn_store: dict = defaultdict(lambda: defaultdict(list))
-    hooks = []
+    sampler = SamplerSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              batch_size=len(prompts))
+    trace = Trace(pipe, sampler, seed, desc="phenomena")
+    state = trace.state
 
-    def step_hook(module, args, kwargs):
-        state["step"] += 1
+    def channel_ranges(name, module, x):
+        channel_dim = -1 if isinstance(module, nn.Linear) else 1
+        x = x.detach().float()
+        x = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+        mn, mx = x.amin(1), x.amax(1)
+        prev = ranges[name].get(state.call_index)
+        if prev is not None:
+            mn, mx = torch.minimum(prev[0], mn), torch.maximum(prev[1], mx)
+        ranges[name][state.call_index] = (mn, mx)
 
-    hooks.append(unet.register_forward_pre_hook(step_hook, with_kwargs=True))
+    def key_mass(proc, probs, query, key, value):
+        if proc.kind == "cross":
+            attn_store[f"{proc.name}.processor"][state.call_index].append(probs.float().mean((1, 2)).cpu())
 
-    def make_hook(name, channel_dim):
-        def hook(module, args):
-            x = args[0].detach().float()
-            x = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
-            mn, mx = x.amin(1), x.amax(1)
-            prev = ranges[name].get(state["step"])
-            if prev is not None:
-                mn, mx = torch.minimum(prev[0], mn), torch.maximum(prev[1], mx)
-            ranges[name][state["step"]] = (mn, mx)
-        return hook
-
-    for name, m in unet.named_modules():
-        if isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_pre_hook(make_hook(name, -1)))
-        elif isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_pre_hook(make_hook(name, 1)))
-    old_procs = unet.attn_processors
-    procs = {n: (_CrossAttnRecorder(n, attn_store, state) if n.endswith("attn2.processor") else p)
-             for n, p in old_procs.items()}
-    unet.set_attn_processor(procs)
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-             generator=gen, output_type="latent")
-    finally:
-        for h in hooks:
-            h.remove()
-        unet.set_attn_processor(old_procs)
+    with trace:
+        trace.on_layer_input(channel_ranges)
+        trace.on_attention(key_mass, layers="*attn2")
+        trace.run(list(prompts))
 
     # ---- activation ranges
     # Layers fed by the time embedding see one input row per step (all images share t): their per-channel

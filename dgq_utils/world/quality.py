@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from dgq_utils.world import scenes as W
+from dgq_utils.world.clip import clip_score
+from dgq_utils.world.fidelity import fidelity_metrics, frechet_distance
 from dgq_utils.world.evaluator import (
     AttributeEvaluator,
     alignment,
@@ -75,8 +77,6 @@ def evaluate_pipeline(pipe, evaluator: AttributeEvaluator, n_one: int = 500, n_t
         metrics[name]["generation_seconds"] = round(dt, 2)
         metrics[name]["is_style"] = round(inception_style_score(is_logits(out)), 3)
         if clip is not None:
-            from dgq_utils.world.clip import clip_score
-
             model, pre, tok = clip
             metrics[name]["clip_score"] = round(float(clip_score(ims, caps, model, pre, tok).mean()), 3)
         samples[name] = (ims, caps)
@@ -91,14 +91,10 @@ def evaluate_pipeline(pipe, evaluator: AttributeEvaluator, n_one: int = 500, n_t
         gen = torch.cat(gen_test)
         fid = {"n_generated": len(gen), "n_real": n_real}
         try:
-            from dgq_utils.world.fidelity import fidelity_metrics
-
             fid["generated_vs_real_test"] = fidelity_metrics(gen, real, evaluator_dir, cuda=cuda)
             fid["real_val_vs_real_test"] = fidelity_metrics(ref[: len(gen)], real, evaluator_dir, cuda=cuda)
             fid["backend"] = "torch-fidelity"
         except ImportError:
-            from dgq_utils.world.fidelity import frechet_distance
-
             fid["generated_vs_real_test"] = {"fid": frechet_distance(evaluator.features(gen), evaluator.features(real))}
             fid["real_val_vs_real_test"] = {"fid": frechet_distance(evaluator.features(ref[: len(gen)]),
                                                                     evaluator.features(real))}
@@ -107,8 +103,6 @@ def evaluate_pipeline(pipe, evaluator: AttributeEvaluator, n_one: int = 500, n_t
         fid["is_style_real_test"] = round(inception_style_score(is_logits(out)), 3)
         metrics["fidelity"] = fid
         if clip is not None:
-            from dgq_utils.world.clip import clip_score
-
             model, pre, tok = clip
             metrics["clip_score_real_test"] = round(float(clip_score(real, W.captions(real_sc), model, pre, tok).mean()), 3)
     return metrics, samples
