@@ -98,6 +98,8 @@ class MiniPipeline:
         self.scheduler = scheduler
         self._progress_bar_config = {}
 
+    vae_scale_factor = 8  # the latents are 1/8 of the image side, as in SD
+
     def set_progress_bar_config(self, **kwargs):
         self._progress_bar_config = dict(kwargs)
 
@@ -117,14 +119,14 @@ class MiniPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt, num_inference_steps=25, guidance_scale=7.5, height=None, width=None,
-                 generator=None, output_type="latent", unet=None):
+                 generator=None, output_type="latent", unet=None, negative_prompt=None, eta=0.0):
         unet_call = unet if unet is not None else self.unet
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompt)
         cfg = guidance_scale > 1.0
         cond = self.text_states(prompt)
         if cfg:
-            cond = torch.cat([self.text_states([""] * b), cond])
+            cond = torch.cat([self.text_states([negative_prompt or ""] * b), cond])
         side = self.unet.config.sample_size
         h = (height // 8) if height else side
         w = (width // 8) if width else side
@@ -138,7 +140,8 @@ class MiniPipeline:
             if cfg:
                 uncond, text = noise.chunk(2)
                 noise = uncond + guidance_scale * (text - uncond)
-            latents = self.scheduler.step(noise, t, latents).prev_sample
+            extra = {"eta": eta} if eta else {}
+            latents = self.scheduler.step(noise, t, latents, **extra).prev_sample
         return SimpleNamespace(images=latents)
 
 
@@ -482,8 +485,14 @@ def calibrate_once(pipe, name: str, n: int, args, device) -> dict:
     reset_peak(device)
     before = mem_mib(device)
     t = time.perf_counter()
-    report = quantize_pipeline(pipe, name, prompts(n), num_inference_steps=args.steps, guidance_scale=7.5,
-                               batch_size=args.calib_batch, progress=False)
+    try:  # the sampler settings as one object (current API)
+        from dgq_utils.config import SamplerSettings
+
+        sampler = SamplerSettings(num_inference_steps=args.steps, guidance_scale=7.5, batch_size=args.calib_batch)
+        report = quantize_pipeline(pipe, name, prompts(n), sampler, progress=False)
+    except ImportError:  # pragma: no cover - the API before SamplerSettings (the "before" measurement)
+        report = quantize_pipeline(pipe, name, prompts(n), num_inference_steps=args.steps, guidance_scale=7.5,
+                                   batch_size=args.calib_batch, progress=False)
     sync(device)
     wall = time.perf_counter() - t
     cal = report.calibration

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dgq_utils.config import SamplerSettings
 from dgq_utils.model.timesteps import TimestepState, _HostTimesteps, _timestep_value
 from dgq_utils.quantize.pipeline import quantize_pipeline
 
@@ -21,7 +22,7 @@ def test_compiled_quantized_unet_has_no_graph_breaks_nor_recompiles(pipe, calib_
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    quantize_pipeline(pipe, preset, calib_prompts[:1], num_inference_steps=STEPS, progress=False)
+    quantize_pipeline(pipe, preset, calib_prompts[:1], SamplerSettings(num_inference_steps=STEPS), progress=False)
     unet = pipe.unet
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)

@@ -75,6 +75,7 @@ def _fp16_tiny(tiny_factory):
 
 
 def test_fp16_pipeline_calibrates_generates_and_dequantizes_exactly():
+    from dgq_utils.config import SamplerSettings
     from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
     from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
 
@@ -88,7 +89,7 @@ def test_fp16_pipeline_calibrates_generates_and_dequantizes_exactly():
     fp = gen()
     sd = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     for preset in ("dgq-w8a8", "baseline-w8a8", "dgq-w8a6"):
-        quantize_pipeline(pipe, preset, prompts, num_inference_steps=3, progress=False)
+        quantize_pipeline(pipe, preset, prompts, SamplerSettings(num_inference_steps=3), progress=False)
         assert all(torch.equal(v, sd[k]) for k, v in pipe.unet.state_dict().items())
         q = gen()
         assert q.dtype == torch.float16 and bool(torch.isfinite(q).all())
@@ -98,11 +99,12 @@ def test_fp16_pipeline_calibrates_generates_and_dequantizes_exactly():
 
 
 def test_quantized_step_needs_no_host_sync():
+    from dgq_utils.config import SamplerSettings
     from dgq_utils.quantize.pipeline import quantize_pipeline
     from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
 
     pipe = _fp16_tiny(build_tiny_pipeline)
-    quantize_pipeline(pipe, "dgq-w8a8", list(TINY_PROMPTS[:2]), num_inference_steps=3, progress=False)
+    quantize_pipeline(pipe, "dgq-w8a8", list(TINY_PROMPTS[:2]), SamplerSettings(num_inference_steps=3), progress=False)
     pipe.scheduler.set_timesteps(3, device="cuda")
     x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float16)
     ehs = torch.randn(2, 77, 32, device="cuda", dtype=torch.float16)
@@ -122,6 +124,7 @@ def test_inductor_compiled_quantized_unet_matches_eager():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from dgq_utils.config import SamplerSettings
     from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
     from dgq_utils.testing.tiny import TINY_PROMPTS, build_tiny_pipeline
 
@@ -139,7 +142,7 @@ def test_inductor_compiled_quantized_unet_matches_eager():
 
     torch._dynamo.reset()
     fp_tol = rel(run(torch.compile(pipe.unet, dynamic=False)), run(pipe.unet))
-    quantize_pipeline(pipe, "dgq-w8a8", list(TINY_PROMPTS[:2]), num_inference_steps=3, progress=False)
+    quantize_pipeline(pipe, "dgq-w8a8", list(TINY_PROMPTS[:2]), SamplerSettings(num_inference_steps=3), progress=False)
     eager = run(pipe.unet)
     torch._dynamo.reset()
     counters.clear()
