@@ -150,3 +150,47 @@ def test_kernel_reads_the_set_on_the_device_without_sync():
         torch.cuda.set_sync_debug_mode("default")
     for i, (s, z) in sets.items():
         assert torch.equal(outs[i], fake_quant_uniform(x, s.cuda(), z.cuda(), 8))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the deferred statistics of the GPU path (forced on the CPU: the same arithmetic as the immediate path)
+# ----------------------------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(layout=hs.sampled_from(["linear", "conv", "qkv"]), calls=hs.integers(1, 4),
+       dtype=hs.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=hs.integers(0, 1000))
+def test_deferred_statistics_equal_the_immediate_ones(layout, calls, dtype, seed):
+    from dgq_utils.core.stats import TensorStats, stats_to_host
+
+    shape = {"linear": (2, 6, 5), "conv": (2, 3, 4, 5), "qkv": (2, 3, 6, 4)}[layout]
+    now, later = TensorStats(), TensorStats(deferred=True)
+    for c in range(calls):
+        x = _input(shape, seed + c, dtype)
+        now.update(x, layout, ema_momentum=0.9)
+        later.update(x, layout, ema_momentum=0.9)
+    assert later.is_pending
+    stats_to_host([later])
+    assert not later.is_pending
+    assert (later.min, later.max, later.ema_min, later.ema_max, later.calls) == \
+        (now.min, now.max, now.ema_min, now.ema_max, now.calls)
+    for ax in ("channel", "pixel"):
+        a, b = now.axis(ax), later.axis(ax)
+        assert torch.equal(a.mins, b.mins) and torch.equal(a.maxs, b.maxs) and a.count == b.count
+        assert b.mins.dtype == torch.float32
+
+
+def test_deferred_nan_check_names_the_first_bad_input():
+    from dgq_utils.core.stats import TensorStats, check_finite
+
+    first, second = TensorStats(deferred=True), TensorStats(deferred=True)
+    x = torch.randn(2, 8, 6)
+    second.update(x, "linear", where="second")
+    first.update(x, "linear", where="first")
+    y = x.clone()
+    y[0, 0, 0] = float("inf")
+    first.update(y, "linear", where="first (t=5)")  # observed before the next one
+    second.update(y * float("nan"), "linear", where="second")
+    with pytest.raises(FloatingPointError, match=r"at first \(t=5\)"):
+        check_finite([second, first])
+    lazy = TensorStats(deferred=True)
+    lazy.update(x, "linear")
+    assert lazy.max == float(x.max()) and not lazy.is_pending  # reading a value finishes the object

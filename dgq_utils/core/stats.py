@@ -53,8 +53,7 @@ def axes_for(x: Tensor, layout: str) -> tuple[int | tuple[int, ...], int | tuple
 # ----------------------------------------------------------------------------------------------------------
 # per-tensor accumulator (one per layer x parameter set)
 # ----------------------------------------------------------------------------------------------------------
-_SEQ = itertools.count()  # global order of observations (names the *first* non-finite input on the GPU path)
-_NO_BAD = 2**62
+_SEQ = itertools.count()  # global order of observations (names the *first* non-finite input of the deferred path)
 
 
 @dataclass
@@ -66,55 +65,41 @@ class TensorStats:
     ``ema_min``/``ema_max``: exponential moving averages (``m * old + (1 - m) * new``, first call initialises).
     ``abs_percentiles``: running sums of the approximate ``|x|`` percentiles (divide by ``calls``).
 
-    Inputs on a GPU are reduced on the GPU and kept there (min / max / EMA as float64 0-d tensors -- the same
-    IEEE double arithmetic as the CPU path's Python floats, so the same numbers): an update never waits for the
-    device. The NaN / inf check is then deferred: :func:`check_finite` (called by calibration before the
-    parameters are made) raises the ``FloatingPointError`` for the first non-finite input in observation order.
-    Reading ``min`` / ``max`` / ``ema_*`` synchronises once; :meth:`range_tensors` does not.
+    ``deferred`` (default ``None``: for inputs on a GPU): an update only launches the reductions -- the input's
+    min / max (kept per call, 0-d) and the per-index min / max along each axis (merged on the device in the input's
+    dtype, exact) -- and never waits for the device. The rest -- the NaN / inf check, the per-tensor min / max and
+    the EMA in Python floats, the float32 :class:`AxisStats` -- is done on the host by :func:`stats_to_host` after
+    one copy for all statistics, with the CPU path's arithmetic, so both paths give the same numbers. The check
+    then raises the ``FloatingPointError`` for the first non-finite input in observation order. Reading ``min`` /
+    ``max`` / ``ema_*`` / ``channel`` / ``pixel`` earlier brings this one object to the host first.
     """
 
     channel: AxisStats | None = None
     pixel: AxisStats | None = None
     shape: tuple[int, ...] | None = None
+    min: float = math.inf
+    max: float = -math.inf
+    ema_min: float | None = None
+    ema_max: float | None = None
     calls: int = 0
     abs_percentiles: dict[float, float] = field(default_factory=dict)
-    _min: float | Tensor = field(default=math.inf, repr=False)
-    _max: float | Tensor = field(default=-math.inf, repr=False)
-    _ema_min: float | Tensor | None = field(default=None, repr=False)
-    _ema_max: float | Tensor | None = field(default=None, repr=False)
-    _bad_seq: Tensor | None = field(default=None, repr=False)  # device path: first non-finite observation
-    _where: str = field(default="activation", repr=False)
-    _bad_shape: tuple[int, ...] | None = field(default=None, repr=False)
+    deferred: bool | None = None
+    _pending: list = field(default_factory=list, repr=False)  # deferred: (seq, min, max, where, shape) per call
+    _axis_acc: dict = field(default_factory=dict, repr=False)  # deferred: axis -> [mins, maxs, count]
+    _ema_m: float = field(default=0.95, repr=False)
 
-    # -- per-tensor values (floats) -----------------------------------------------------------------------
-    def _f(self, v):
-        if isinstance(v, Tensor):
-            check_finite([self])
-            return float(v)
-        return v
+    def __getattribute__(self, name):
+        if name in _FINISHED_FIELDS:
+            d = object.__getattribute__(self, "__dict__")
+            if d.get("_pending") or d.get("_axis_acc"):
+                stats_to_host([self])
+        return object.__getattribute__(self, name)
 
     @property
-    def min(self) -> float:
-        return self._f(self._min)
-
-    @property
-    def max(self) -> float:
-        return self._f(self._max)
-
-    @property
-    def ema_min(self) -> float | None:
-        return self._f(self._ema_min)
-
-    @property
-    def ema_max(self) -> float | None:
-        return self._f(self._ema_max)
-
-    def range_tensors(self, ema: bool = False) -> tuple[Tensor, Tensor]:
-        """``(lo, hi)`` as float32 0-d tensors on the statistics' device (no host sync on the GPU path)."""
-        lo, hi = (self._ema_min, self._ema_max) if ema else (self._min, self._max)
-        if isinstance(lo, Tensor):
-            return lo.float(), hi.float()
-        return torch.tensor(float(lo)), torch.tensor(float(hi))
+    def is_pending(self) -> bool:
+        """Whether deferred updates still wait for :func:`stats_to_host`."""
+        d = self.__dict__
+        return bool(d["_pending"] or d["_axis_acc"])
 
     def update(
         self,
@@ -126,50 +111,46 @@ class TensorStats:
         percentiles: Sequence[float] = (),
         where: str = "activation",
     ) -> None:
-        """Fold one observed input ``x`` into the statistics (raises ``FloatingPointError`` on NaN / inf; on a
-        GPU at :func:`check_finite`)."""
+        """Fold one observed input ``x`` into the statistics (raises ``FloatingPointError`` on NaN / inf; on the
+        deferred path at :func:`stats_to_host`)."""
         xd = x.detach()
-        mn, mx = torch.aminmax(xd.reshape(-1))
+        d = self.__dict__
         shape = tuple(xd.shape[1:])
-        if self.shape is not None and shape != self.shape:
+        if d["shape"] is not None and shape != d["shape"]:
             raise ValueError(
-                f"{where}: input shape changed during calibration from {self.shape} to {shape} (batch dim "
+                f"{where}: input shape changed during calibration from {d['shape']} to {shape} (batch dim "
                 "excluded). All calibration batches must use the same resolution."
             )
-        if xd.device.type == "cpu":
+        deferred = self.deferred if self.deferred is not None else xd.device.type != "cpu"
+        mn, mx = torch.aminmax(xd.reshape(-1))
+        if deferred:
+            d["_pending"].append((next(_SEQ), mn, mx, where, tuple(xd.shape)))
+            d["_ema_m"] = ema_momentum
+        else:
             mn_f, mx_f = float(mn), float(mx)
             if not (math.isfinite(mn_f) and math.isfinite(mx_f)):
                 raise _nonfinite(where, xd)
-            self._min, self._max = min(self._min, mn_f), max(self._max, mx_f)
-            if self._ema_min is None:
-                self._ema_min, self._ema_max = mn_f, mx_f
-            else:
-                m = ema_momentum
-                self._ema_min = m * self._ema_min + (1 - m) * mn_f
-                self._ema_max = m * self._ema_max + (1 - m) * mx_f
-        else:
-            mn_d, mx_d = mn.double(), mx.double()
-            bad = torch.where(torch.isfinite(mn_d) & torch.isfinite(mx_d), _NO_BAD, next(_SEQ))
-            self._bad_seq = bad if self._bad_seq is None else torch.minimum(self._bad_seq, bad)
-            if not isinstance(self._min, Tensor):
-                self._where, self._bad_shape = where, tuple(xd.shape)
-                self._min, self._max = mn_d, mx_d
-                self._ema_min, self._ema_max = mn_d, mx_d
-            else:
-                self._min, self._max = torch.minimum(self._min, mn_d), torch.maximum(self._max, mx_d)
-                m = ema_momentum
-                self._ema_min = m * self._ema_min + (1 - m) * mn_d
-                self._ema_max = m * self._ema_max + (1 - m) * mx_d
-        self.shape = shape
-        self.calls += 1
+            self._fold(mn_f, mx_f, ema_momentum)
+        d["shape"] = shape
+        d["calls"] += 1
         if axes:
             ch_axis, px_axis = axes_for(xd, layout)
-            if "channel" in axes:
-                s = AxisStats.from_tensor(xd, ch_axis)
-                self.channel = s if self.channel is None else self.channel.merge(s)
+            todo = [("channel", ch_axis)] if "channel" in axes else []
             if "pixel" in axes and px_axis is not None:
-                s = AxisStats.from_tensor(xd, px_axis)
-                self.pixel = s if self.pixel is None else self.pixel.merge(s)
+                todo.append(("pixel", px_axis))
+            for name, ax in todo:
+                if deferred:
+                    acc = d["_axis_acc"]
+                    mins, maxs = _axis_reduce(xd, ax)
+                    if name in acc:
+                        old = acc[name]
+                        acc[name] = [torch.minimum(old[0], mins), torch.maximum(old[1], maxs), old[2] + 1]
+                    else:
+                        acc[name] = [mins, maxs, 1]
+                else:
+                    s = AxisStats.from_tensor(xd, ax)
+                    cur = d[name]
+                    d[name] = s if cur is None else cur.merge(s)
         if percentiles:
             flat = xd.reshape(-1)
             step = max(1, flat.numel() // PERCENTILE_SAMPLES)
@@ -179,10 +160,33 @@ class TensorStats:
             for p, q in zip(percentiles, qs.tolist()):
                 self.abs_percentiles[p] = self.abs_percentiles.get(p, 0.0) + q
 
+    def _fold(self, mn_f: float, mx_f: float, m: float) -> None:
+        """Per-tensor min / max / EMA update with one call's values (Python floats: the same on both paths)."""
+        d = self.__dict__
+        d["min"], d["max"] = min(d["min"], mn_f), max(d["max"], mx_f)
+        if d["ema_min"] is None:
+            d["ema_min"], d["ema_max"] = mn_f, mx_f
+        else:
+            d["ema_min"] = m * d["ema_min"] + (1 - m) * mn_f
+            d["ema_max"] = m * d["ema_max"] + (1 - m) * mx_f
+
     def axis(self, name: str) -> AxisStats | None:
         if name not in ("channel", "pixel"):
             raise ValueError(f"axis must be 'channel' or 'pixel'; got {name!r}.")
         return self.channel if name == "channel" else self.pixel
+
+
+_FINISHED_FIELDS = frozenset({"min", "max", "ema_min", "ema_max", "channel", "pixel"})
+
+
+def _axis_reduce(x: Tensor, axis) -> tuple[Tensor, Tensor]:
+    """Per-index (min, max) of ``x`` along ``axis`` in ``x``'s dtype (the reduction of :meth:`AxisStats.from_tensor`,
+    without its float32 copies: the deferred path converts once, on the host; min / max are exact in any dtype)."""
+    axes = (axis,) if isinstance(axis, int) else tuple(sorted(axis))
+    others = tuple(d for d in range(x.ndim) if d not in axes)
+    if not others:
+        return x.reshape(-1), x.reshape(-1)
+    return torch.amin(x, dim=others).reshape(-1), torch.amax(x, dim=others).reshape(-1)
 
 
 def _nonfinite(where: str, xd: Tensor | None, shape=None) -> FloatingPointError:
@@ -196,49 +200,48 @@ def _nonfinite(where: str, xd: Tensor | None, shape=None) -> FloatingPointError:
     )
 
 
-def check_finite(stats) -> None:
-    """Raise ``FloatingPointError`` for the first non-finite input (in observation order) that any of ``stats``
-    (:class:`TensorStats`, GPU path) saw. One host synchronisation per device for the whole list."""
-    pending = [st for st in stats if st._bad_seq is not None]
-    if not pending:
-        return
-    seqs = torch.stack([st._bad_seq.to(pending[0]._bad_seq.device) for st in pending]).cpu()
-    first = int(seqs.argmin())
-    if int(seqs[first]) < _NO_BAD:
-        st = pending[first]
-        raise _nonfinite(st._where, None, st._bad_shape)
-    for st in pending:
-        st._bad_seq = None  # checked: later reads need no sync for the check
-
-
 def stats_to_host(stats) -> None:
-    """Bring the GPU-path statistics of every :class:`TensorStats` in ``stats`` to the host, in place, with one
-    device -> host copy per device (instead of one sync per value): afterwards they are exactly what the CPU path
-    would hold (Python floats, CPU :class:`AxisStats`). Runs :func:`check_finite` first."""
-    stats = list(stats)
-    check_finite(stats)
+    """Finish the deferred updates of every :class:`TensorStats` in ``stats`` on the host, in place: one device ->
+    host copy per device for all of them, then the NaN / inf check (the first non-finite input in observation
+    order raises ``FloatingPointError`` naming where it was seen), the per-tensor min / max / EMA in Python floats
+    and float32 :class:`AxisStats` -- what the CPU path computes, bit for bit."""
+    stats = [st for st in stats if st.is_pending]
+    if not stats:
+        return
     by_device: dict[torch.device, list] = {}
     for st in stats:
-        for name in ("_min", "_max", "_ema_min", "_ema_max"):
-            v = getattr(st, name)
-            if isinstance(v, Tensor) and v.device.type != "cpu":
-                by_device.setdefault(v.device, []).append((st, name, v.double().reshape(1)))
-        for ax in ("channel", "pixel"):
-            a = getattr(st, ax)
-            if a is not None and a.mins.device.type != "cpu":
-                by_device.setdefault(a.mins.device, []).append((st, ax, torch.cat([a.mins, a.maxs]).double()))
+        d = st.__dict__
+        for seq, mn, mx, where, shape in d["_pending"]:
+            by_device.setdefault(mn.device, []).append(
+                (st, ("call", seq, where, shape), torch.stack([mn, mx]).to(torch.float64)))
+        for name, (mins, maxs, count) in d["_axis_acc"].items():
+            by_device.setdefault(mins.device, []).append(
+                (st, ("axis", name, count), torch.cat([mins, maxs]).to(torch.float64)))
+    calls, axes = [], []
     for items in by_device.values():
         flat = torch.cat([t for _, _, t in items]).cpu()
         pos = 0
-        for st, name, t in items:
+        for st, what, t in items:
             part = flat[pos : pos + t.numel()]
             pos += t.numel()
-            if name.startswith("_"):
-                setattr(st, name, float(part[0]))
-            else:
-                a = getattr(st, name)
-                half = part.numel() // 2
-                setattr(st, name, AxisStats(part[:half].float(), part[half:].float(), a.count))
+            (calls if what[0] == "call" else axes).append((st, what, part))
+    calls.sort(key=lambda c: c[1][1])  # observation order
+    for _st, (_, _, where, shape), part in calls:
+        if not (math.isfinite(float(part[0])) and math.isfinite(float(part[1]))):
+            raise _nonfinite(where, None, shape)
+    for st, _, part in calls:
+        st._fold(float(part[0]), float(part[1]), st.__dict__["_ema_m"])
+    for st, (_, name, count), part in axes:
+        half = part.numel() // 2
+        st.__dict__[name] = AxisStats(part[:half].float(), part[half:].float(), count)
+    for st in stats:
+        st.__dict__["_pending"] = []
+        st.__dict__["_axis_acc"] = {}
+
+
+def check_finite(stats) -> None:
+    """Raise ``FloatingPointError`` for the first non-finite input any of ``stats`` saw (finishes deferred ones)."""
+    stats_to_host(stats)
 
 
 # ----------------------------------------------------------------------------------------------------------
