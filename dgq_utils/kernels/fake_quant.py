@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dgq_utils.core.quantizers import fake_quant_uniform, qrange
+
 __all__ = ["ParamStack", "available", "fake_quant_stacked_reference", "fake_quant_uniform_fused"]
 
 try:  # pragma: no cover - depends on the installation
@@ -147,8 +149,6 @@ def _view(v: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
 def fake_quant_stacked_reference(x: Tensor, st: ParamStack, set_index: Tensor, bits: int, symmetric: bool) -> Tensor:
     """The same result as the kernel with PyTorch operations (``torch.compile`` fuses them into the neighbouring
     ops; the set is gathered with ``index_select``, so no host sync and no specialisation on the set index)."""
-    from dgq_utils.core.quantizers import fake_quant_uniform
-
     idx = set_index.reshape(1).to(torch.long)
     s = _view(st.chan_scale.index_select(0, idx), x, (st.channel_dim,))
     z = _view(st.chan_zp.index_select(0, idx), x, (st.channel_dim,))
@@ -209,8 +209,6 @@ def fake_quant_uniform_fused(x: Tensor, st: ParamStack, set_index: Tensor, bits:
                              symmetric: bool = False, block: int = 2048) -> Tensor:
     """One-kernel fake quantization of ``x`` with parameter set ``set_index`` (0-d int tensor on ``x``'s device)
     of ``st``; result in ``x.dtype`` with ``x``'s strides. Bit-identical to the reference (module docstring)."""
-    from dgq_utils.core.quantizers import qrange
-
     if not available(x):
         raise RuntimeError("fake_quant_uniform_fused needs a CUDA float tensor and Triton; use the reference.")
     if not _dense_strides_ok(x):
