@@ -62,12 +62,12 @@ from dgq_utils.core.grouping import (
     per_index_qparams,
 )
 from dgq_utils.core.quantizers import uniform_qparams
-from dgq_utils.core.stats import axes_for
+from dgq_utils.core.stats import axes_for, stats_to_host
 from dgq_utils.model.layers import ActQuantizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "finalize_act_quantizer", "needs_calibration", "CalibrationNotes"]
+__all__ = ["CalibrationNotes", "calibrate", "finalize_act_quantizer", "needs_calibration"]
 
 
 class CalibrationNotes(list):
@@ -161,6 +161,7 @@ def calibrate(
         controller.callback = None
         _set_all_modes(qstate, "off")
     controller.finish_calibration()
+    t_passes = time.perf_counter()
 
     notes = CalibrationNotes()
     grouped, clamped = finalize_act_quantizers(act_quantizers, act_cfg, notes=notes)
@@ -180,6 +181,9 @@ def calibrate(
         q.clear_stats()
 
     _set_all_modes(qstate, "quant")
+    for q in act_quantizers:  # the parameter stacks the GPU kernel / compiled graph read, built once, now
+        if q.stats_device is not None:
+            q.prepare(q.stats_device)
     return {
         "num_prompts": len(prompts),
         "num_inference_steps": int(num_inference_steps),
@@ -194,6 +198,8 @@ def calibrate(
         "num_sets": controller.num_sets,
         "upstream": upstream,
         "seconds": round(time.perf_counter() - t0, 3),
+        "seconds_passes": round(t_passes - t0, 3),
+        "seconds_finalize": round(time.perf_counter() - t_passes, 3),
         "notes": list(notes),
     }
 
@@ -238,6 +244,8 @@ def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
     if not quantizers:
         return grouped, clamped
     official = cfg.calibration_upstream == "per_tensor_quantized"
+    # GPU statistics: checked for NaN / inf and copied to the host in one transfer (no per-set syncs below)
+    stats_to_host([st for q in quantizers for st in q.stats.values()])
     planned = []  # (quantizer, set index, observed stats, axis, AxisStats, k, requested k)
     for q in quantizers:
         for i, st in sorted(q.stats.items()):

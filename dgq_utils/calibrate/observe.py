@@ -61,6 +61,7 @@ from dgq_utils.core.stats import (
     PERCENTILE_SAMPLES,
     AttentionStats,
     TensorStats,
+    stats_to_host,
 )
 from dgq_utils.model.attention import DGQAttnProcessor
 from dgq_utils.model.layers import ActQuantizer
@@ -293,6 +294,8 @@ def collect_activation_stats(
                 result.layers[f"{attn_name}.{part}"] = (f"attn_{part}", dict(qz.stats))
         if p.attention_stats:
             result.attention[attn_name] = (p.kind, dict(p.attention_stats))
+    # GPU statistics: finished on the host with one copy (and the NaN check) instead of one sync per object
+    stats_to_host([st for _, per_t in result.layers.values() for st in per_t.values()])
     result.meta = {
         "num_prompts": len(prompts), "num_inference_steps": sampler.num_inference_steps,
         "guidance_scale": sampler.guidance_scale, "seed": seed, "batch_size": sampler.batch_size,

@@ -3,9 +3,10 @@ log2 histograms): the accumulators that observation and calibration feed. Pure t
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -13,10 +14,12 @@ from torch import Tensor
 from dgq_utils.core.grouping import AxisStats
 
 __all__ = [
-    "TensorStats",
-    "AttentionStats",
-    "axes_for",
     "LOG2_HIST_EDGES",
+    "AttentionStats",
+    "TensorStats",
+    "axes_for",
+    "check_finite",
+    "stats_to_host",
 ]
 
 #: Bin edges of the log2-probability histograms: (-inf, -30], (-30, -29], ..., (-1, 0].
@@ -50,6 +53,9 @@ def axes_for(x: Tensor, layout: str) -> tuple[int | tuple[int, ...], int | tuple
 # ----------------------------------------------------------------------------------------------------------
 # per-tensor accumulator (one per layer x parameter set)
 # ----------------------------------------------------------------------------------------------------------
+_SEQ = itertools.count()  # global order of observations (names the *first* non-finite input of the deferred path)
+
+
 @dataclass
 class TensorStats:
     """Running statistics of one activation (one layer, one timestep set).
@@ -58,6 +64,14 @@ class TensorStats:
     ``shape``: the input shape without the batch dim (pixel groups are tied to it). ``min``/``max``: per tensor.
     ``ema_min``/``ema_max``: exponential moving averages (``m * old + (1 - m) * new``, first call initialises).
     ``abs_percentiles``: running sums of the approximate ``|x|`` percentiles (divide by ``calls``).
+
+    ``deferred`` (default ``None``: for inputs on a GPU): an update only launches the reductions -- the input's
+    min / max (kept per call, 0-d) and the per-index min / max along each axis (merged on the device in the input's
+    dtype, exact) -- and never waits for the device. The rest -- the NaN / inf check, the per-tensor min / max and
+    the EMA in Python floats, the float32 :class:`AxisStats` -- is done on the host by :func:`stats_to_host` after
+    one copy for all statistics, with the CPU path's arithmetic, so both paths give the same numbers. The check
+    then raises the ``FloatingPointError`` for the first non-finite input in observation order. Reading ``min`` /
+    ``max`` / ``ema_*`` / ``channel`` / ``pixel`` earlier brings this one object to the host first.
     """
 
     channel: AxisStats | None = None
@@ -69,6 +83,23 @@ class TensorStats:
     ema_max: float | None = None
     calls: int = 0
     abs_percentiles: dict[float, float] = field(default_factory=dict)
+    deferred: bool | None = None
+    _pending: list = field(default_factory=list, repr=False)  # deferred: (seq, min, max, where, shape) per call
+    _axis_acc: dict = field(default_factory=dict, repr=False)  # deferred: axis -> [mins, maxs, count]
+    _ema_m: float = field(default=0.95, repr=False)
+
+    def __getattribute__(self, name):
+        if name in _FINISHED_FIELDS:
+            d = object.__getattribute__(self, "__dict__")
+            if d.get("_pending") or d.get("_axis_acc"):
+                stats_to_host([self])
+        return object.__getattribute__(self, name)
+
+    @property
+    def is_pending(self) -> bool:
+        """Whether deferred updates still wait for :func:`stats_to_host`."""
+        d = self.__dict__
+        return bool(d["_pending"] or d["_axis_acc"])
 
     def update(
         self,
@@ -80,40 +111,46 @@ class TensorStats:
         percentiles: Sequence[float] = (),
         where: str = "activation",
     ) -> None:
-        """Fold one observed input ``x`` into the statistics (raises ``FloatingPointError`` on NaN / inf)."""
+        """Fold one observed input ``x`` into the statistics (raises ``FloatingPointError`` on NaN / inf; on the
+        deferred path at :func:`stats_to_host`)."""
         xd = x.detach()
-        mn, mx = torch.aminmax(xd.reshape(-1))
-        mn_f, mx_f = float(mn), float(mx)
-        if not (math.isfinite(mn_f) and math.isfinite(mx_f)):
-            n_nan = int(torch.isnan(xd).sum())
-            n_inf = int(torch.isinf(xd).sum())
-            raise FloatingPointError(
-                f"Non-finite activation at {where}: {n_nan} NaN and {n_inf} inf values in an input of shape "
-                f"{tuple(xd.shape)}. Check the model weights / the layers upstream of this one."
-            )
+        d = self.__dict__
         shape = tuple(xd.shape[1:])
-        if self.shape is not None and shape != self.shape:
+        if d["shape"] is not None and shape != d["shape"]:
             raise ValueError(
-                f"{where}: input shape changed during calibration from {self.shape} to {shape} (batch dim "
+                f"{where}: input shape changed during calibration from {d['shape']} to {shape} (batch dim "
                 "excluded). All calibration batches must use the same resolution."
             )
-        self.shape = shape
-        self.min, self.max = min(self.min, mn_f), max(self.max, mx_f)
-        if self.ema_min is None:
-            self.ema_min, self.ema_max = mn_f, mx_f
+        deferred = self.deferred if self.deferred is not None else xd.device.type != "cpu"
+        mn, mx = torch.aminmax(xd.reshape(-1))
+        if deferred:
+            d["_pending"].append((next(_SEQ), mn, mx, where, tuple(xd.shape)))
+            d["_ema_m"] = ema_momentum
         else:
-            m = ema_momentum
-            self.ema_min = m * self.ema_min + (1 - m) * mn_f
-            self.ema_max = m * self.ema_max + (1 - m) * mx_f
-        self.calls += 1
+            mn_f, mx_f = float(mn), float(mx)
+            if not (math.isfinite(mn_f) and math.isfinite(mx_f)):
+                raise _nonfinite(where, xd)
+            self._fold(mn_f, mx_f, ema_momentum)
+        d["shape"] = shape
+        d["calls"] += 1
         if axes:
             ch_axis, px_axis = axes_for(xd, layout)
-            if "channel" in axes:
-                s = AxisStats.from_tensor(xd, ch_axis)
-                self.channel = s if self.channel is None else self.channel.merge(s)
+            todo = [("channel", ch_axis)] if "channel" in axes else []
             if "pixel" in axes and px_axis is not None:
-                s = AxisStats.from_tensor(xd, px_axis)
-                self.pixel = s if self.pixel is None else self.pixel.merge(s)
+                todo.append(("pixel", px_axis))
+            for name, ax in todo:
+                if deferred:
+                    acc = d["_axis_acc"]
+                    mins, maxs = _axis_reduce(xd, ax)
+                    if name in acc:
+                        old = acc[name]
+                        acc[name] = [torch.minimum(old[0], mins), torch.maximum(old[1], maxs), old[2] + 1]
+                    else:
+                        acc[name] = [mins, maxs, 1]
+                else:
+                    s = AxisStats.from_tensor(xd, ax)
+                    cur = d[name]
+                    d[name] = s if cur is None else cur.merge(s)
         if percentiles:
             flat = xd.reshape(-1)
             step = max(1, flat.numel() // PERCENTILE_SAMPLES)
@@ -123,10 +160,88 @@ class TensorStats:
             for p, q in zip(percentiles, qs.tolist()):
                 self.abs_percentiles[p] = self.abs_percentiles.get(p, 0.0) + q
 
+    def _fold(self, mn_f: float, mx_f: float, m: float) -> None:
+        """Per-tensor min / max / EMA update with one call's values (Python floats: the same on both paths)."""
+        d = self.__dict__
+        d["min"], d["max"] = min(d["min"], mn_f), max(d["max"], mx_f)
+        if d["ema_min"] is None:
+            d["ema_min"], d["ema_max"] = mn_f, mx_f
+        else:
+            d["ema_min"] = m * d["ema_min"] + (1 - m) * mn_f
+            d["ema_max"] = m * d["ema_max"] + (1 - m) * mx_f
+
     def axis(self, name: str) -> AxisStats | None:
         if name not in ("channel", "pixel"):
             raise ValueError(f"axis must be 'channel' or 'pixel'; got {name!r}.")
         return self.channel if name == "channel" else self.pixel
+
+
+_FINISHED_FIELDS = frozenset({"min", "max", "ema_min", "ema_max", "channel", "pixel"})
+
+
+def _axis_reduce(x: Tensor, axis) -> tuple[Tensor, Tensor]:
+    """Per-index (min, max) of ``x`` along ``axis`` in ``x``'s dtype (the reduction of :meth:`AxisStats.from_tensor`,
+    without its float32 copies: the deferred path converts once, on the host; min / max are exact in any dtype)."""
+    axes = (axis,) if isinstance(axis, int) else tuple(sorted(axis))
+    others = tuple(d for d in range(x.ndim) if d not in axes)
+    if not others:
+        return x.reshape(-1), x.reshape(-1)
+    return torch.amin(x, dim=others).reshape(-1), torch.amax(x, dim=others).reshape(-1)
+
+
+def _nonfinite(where: str, xd: Tensor | None, shape=None) -> FloatingPointError:
+    if xd is not None:
+        n_nan, n_inf = int(torch.isnan(xd).sum()), int(torch.isinf(xd).sum())
+        what = f"{n_nan} NaN and {n_inf} inf values in an input of shape {tuple(xd.shape)}"
+    else:
+        what = f"NaN or inf values in an input of shape {shape}"
+    return FloatingPointError(
+        f"Non-finite activation at {where}: {what}. Check the model weights / the layers upstream of this one."
+    )
+
+
+def stats_to_host(stats) -> None:
+    """Finish the deferred updates of every :class:`TensorStats` in ``stats`` on the host, in place: one device ->
+    host copy per device for all of them, then the NaN / inf check (the first non-finite input in observation
+    order raises ``FloatingPointError`` naming where it was seen), the per-tensor min / max / EMA in Python floats
+    and float32 :class:`AxisStats` -- what the CPU path computes, bit for bit."""
+    stats = [st for st in stats if st.is_pending]
+    if not stats:
+        return
+    by_device: dict[torch.device, list] = {}
+    for st in stats:
+        d = st.__dict__
+        for seq, mn, mx, where, shape in d["_pending"]:
+            by_device.setdefault(mn.device, []).append(
+                (st, ("call", seq, where, shape), torch.stack([mn, mx]).to(torch.float64)))
+        for name, (mins, maxs, count) in d["_axis_acc"].items():
+            by_device.setdefault(mins.device, []).append(
+                (st, ("axis", name, count), torch.cat([mins, maxs]).to(torch.float64)))
+    calls, axes = [], []
+    for items in by_device.values():
+        flat = torch.cat([t for _, _, t in items]).cpu()
+        pos = 0
+        for st, what, t in items:
+            part = flat[pos : pos + t.numel()]
+            pos += t.numel()
+            (calls if what[0] == "call" else axes).append((st, what, part))
+    calls.sort(key=lambda c: c[1][1])  # observation order
+    for _st, (_, _, where, shape), part in calls:
+        if not (math.isfinite(float(part[0])) and math.isfinite(float(part[1]))):
+            raise _nonfinite(where, None, shape)
+    for st, _, part in calls:
+        st._fold(float(part[0]), float(part[1]), st.__dict__["_ema_m"])
+    for st, (_, name, count), part in axes:
+        half = part.numel() // 2
+        st.__dict__[name] = AxisStats(part[:half].float(), part[half:].float(), count)
+    for st in stats:
+        st.__dict__["_pending"] = []
+        st.__dict__["_axis_acc"] = {}
+
+
+def check_finite(stats) -> None:
+    """Raise ``FloatingPointError`` for the first non-finite input any of ``stats`` saw (finishes deferred ones)."""
+    stats_to_host(stats)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -206,6 +206,8 @@ class ProbQuantizer(nn.Module):
         self.state = state if state is not None else TimestepState()
         self.mode = "off"
         self.static: dict[int, Tensor] = {}  # set -> 0-d max
+        self._static_stack: Tensor | None = None  # (S,) for compiled graphs
+        self._static_key: tuple | None = None
         self.observed_max: dict[int, float] = {}
 
     def extra_repr(self) -> str:
@@ -250,7 +252,21 @@ class ProbQuantizer(nn.Module):
         return self.static_max(p.device)
 
     def static_max(self, device: torch.device) -> Tensor:
-        """The calibrated 0-d maximum of the current timestep set, on ``device`` (moved there once)."""
+        """The calibrated 0-d maximum of the current timestep set, on ``device`` (moved there once).
+
+        Under ``torch.compile`` the maxima of all sets are one ``(S,)`` tensor (stacked by an eager call) gathered
+        with the state's device set index, so the graph does not specialise on the set (no recompiles)."""
+        if torch.compiler.is_compiling():
+            stack = self._static_stack
+            if stack is not None and stack.device == device:
+                return stack.index_select(0, self.state.index_tensor(device).reshape(1).long()).reshape(())
+        else:
+            key = (id(self.static), len(self.static), device)
+            if self._static_key != key and self.static and sorted(self.static) == list(range(len(self.static))):
+                self._static_stack = torch.stack([self.static[j].reshape(()).float().to(device)
+                                                  for j in range(len(self.static))])
+                self._static_key = key
+                self.state.index_tensor(device)
         i = self.state.set_index
         m = self.static.get(i)
         if m is None:

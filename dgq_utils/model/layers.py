@@ -20,9 +20,12 @@
     Own the original module (kept outside the module tree, so ``dequantize`` can put the very same object back) and
     share its ``weight`` / ``bias`` Parameters, so ``unet.state_dict()`` keys and values are unchanged by
     quantization. The weight is fake-quantized **once**, at quantize (or load) time, and cached in the
-    non-persistent buffer ``weight_fq``; the forward uses it directly. The bias is never quantized. If you change
+    non-persistent buffer ``weight_fq`` on the CPU; on a GPU (``layer.weight_cache = "auto"``) it is recomputed in
+    every forward by one fused kernel into a transient tensor instead (bit-identical; the GPU then holds no second
+    copy of the weights -- at SD scale 1.6 GiB). The bias is never quantized. If you change
     the weights after quantizing, call :meth:`QuantLinear.quantize_weight` again (the cache does not track them).
-    Memory: the cache doubles the UNet's weight memory (the FP weights are kept for exact dequantization).
+    Memory: on the CPU the cache doubles the UNet's weight memory (the FP weights are kept for exact
+    dequantization); on a GPU only the transient copy of one layer's weight exists at a time.
 
     ``layer.enabled = False`` makes the layer compute exactly like the original (FP weight, no activation
     quantizer): bit-identical outputs. Layer modes (:meth:`set_mode`) pair the activation mode with the weight
@@ -50,10 +53,11 @@ from dgq_utils.core.quantizers import (
     uniform_qparams,
     weight_qparams,
 )
-from dgq_utils.core.stats import TensorStats
+from dgq_utils.core.stats import TensorStats, axes_for
+from dgq_utils.kernels import fake_quant as fused
 from dgq_utils.model.timesteps import TimestepState
 
-__all__ = ["ActQuantizer", "QuantLinear", "QuantConv2d", "QUANT_MODES", "LAYER_MODES"]
+__all__ = ["LAYER_MODES", "QUANT_MODES", "ActQuantizer", "QuantConv2d", "QuantLinear"]
 
 QUANT_MODES = ("off", "observe", "quant", "init", "observe_quant")
 LAYER_MODES = QUANT_MODES
@@ -89,6 +93,9 @@ class ActQuantizer(nn.Module):
         self.params: dict[int, tuple[Tensor, Tensor]] = {}
         self.info: dict[int, dict] = {}
         self.stats: dict[int, TensorStats] = {}
+        self._stack: fused.ParamStack | None = None  # the sets stacked for the GPU / compiled path
+        self._stack_key: tuple | None = None
+        self.stats_device: torch.device | None = None  # where the observed inputs lived (calibration)
         self._observe_axes: tuple[str, ...] = ("channel", "pixel")
         self._ema_momentum = 0.95
         self._percentiles: tuple[float, ...] = ()
@@ -114,6 +121,7 @@ class ActQuantizer(nn.Module):
             raise ValueError(f"{self.name}: scale {tuple(scale.shape)} and zero point {tuple(zero_point.shape)} differ.")
         self.params[int(set_index)] = (scale, zero_point)
         self.info[int(set_index)] = dict(info or {"axis": "tensor", "k": 1, "n": 1, "ids": None})
+        self._stack = self._stack_key = None
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -135,6 +143,54 @@ class ActQuantizer(nn.Module):
         raise ValueError(f"{self.name}: unknown mode {mode!r}; use one of {QUANT_MODES}.")
 
     def _quant(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            st = self._stack  # built by an eager call before compiling (dynamo guards on the object)
+            if st is not None and st.fits(x) and not (torch.is_grad_enabled() and x.requires_grad):
+                # PyTorch operations that inductor fuses into the neighbouring ops; the set is gathered on the
+                # device (no guard on the set index, so no recompile per timestep)
+                return fused.fake_quant_stacked_reference(x, st, self.state.index_tensor(x.device), self.bits,
+                                                          self.symmetric)
+            return self._quant_reference(x)
+        st = self._stacked(x.device)
+        if st is not None and fused.available(x) and st.fits(x) and not (torch.is_grad_enabled() and x.requires_grad):
+            if self.state.set_index not in self.params:
+                self._missing_set(self.state.set_index)
+            return fused.fake_quant_uniform_fused(x, st, self.state.index_tensor(x.device), self.bits,
+                                                  symmetric=self.symmetric)
+        return self._quant_reference(x)
+
+    def _missing_set(self, i: int):
+        raise RuntimeError(
+            f"{self.name}: no quantization parameters for timestep set {i} (calibrated sets: "
+            f"{sorted(self.params)}). Was the pipeline calibrated with this sampler / number of steps?"
+        )
+
+    def _stacked(self, device: torch.device) -> fused.ParamStack | None:
+        """The parameter sets stacked on ``device`` (cached; rebuilt when the sets change). ``None`` when there
+        are none or they cannot be stacked (then the reference path is used)."""
+        params = self.params
+        if not params:
+            return None
+        key = (id(params), len(params), device)
+        if self._stack_key == key:
+            return self._stack
+        ndims = {s.ndim for s, _ in params.values()} - {0}  # 0-d sets are per tensor
+        st = None
+        if len(ndims) <= 1 and not ndims & {1}:
+            if ndims:
+                ch, px = axes_for(torch.empty((1,) * ndims.pop(), device="meta"), self.layout)
+                px = () if px is None else ((px,) if isinstance(px, int) else tuple(px))
+            else:
+                ch, px = 0, ()
+            try:
+                st = fused.ParamStack.from_sets(params, ch, px).to(device)
+            except ValueError:
+                st = None
+        self._stack, self._stack_key = st, key
+        self.state.index_tensor(device)  # created eagerly: a compiled graph must find it
+        return st
+
+    def _quant_reference(self, x: Tensor) -> Tensor:
         i = self.state.set_index
         p = self.params.get(i)
         if p is None:
@@ -161,7 +217,12 @@ class ActQuantizer(nn.Module):
         t = self.state.t
         return f"{self.name!r} (timestep index {self.state.set_index}, t={t if t is None else f'{t:g}'})"
 
+    def prepare(self, device) -> None:
+        """Build the device-side parameter stack now (calibration / loading do this once; else the first call)."""
+        self._stacked(torch.device(device))
+
     def _observe(self, x: Tensor) -> None:
+        self.stats_device = x.device
         st = self.stats.get(self.state.set_index)
         if st is None:
             st = self.stats[self.state.set_index] = TensorStats()
@@ -183,7 +244,7 @@ def _set_layer_mode(layer, mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; use one of {LAYER_MODES}.")
     if layer.act is not None:
         layer.act.mode = mode
-    layer.use_quantized_weight = mode in _QUANTIZING_MODES and layer.weight_fq is not None
+    layer.use_quantized_weight = mode in _QUANTIZING_MODES and layer.weight_quantized
 
 
 class _QuantLayerMixin:
@@ -202,6 +263,10 @@ class _QuantLayerMixin:
         self.weight_symmetric = False
         self.use_quantized_weight = False
         self.enabled = True
+        #: ``"auto"`` (default): cache the fake-quantized weight on the CPU, recompute it per forward on a GPU
+        #: (one fused kernel; no second copy of the weights in GPU memory); ``True`` / ``False``: always / never.
+        self.weight_cache: bool | str = "auto"
+        self._weight_stack = None
 
     @property
     def original(self) -> nn.Module:
@@ -225,16 +290,45 @@ class _QuantLayerMixin:
             raise ValueError("explicit weight parameters need scale, zero_point, bits and symmetric.")
         scale = scale.to(device=w.device, dtype=torch.float32)
         zero_point = zero_point.to(device=w.device, dtype=torch.float32)
-        self.weight_fq = fake_quant_uniform(w, scale, zero_point, bits, symmetric=symmetric).to(w.dtype)
         self.weight_scale, self.weight_zp = scale, zero_point
         self.weight_bits, self.weight_symmetric = int(bits), bool(symmetric)
+        self._weight_stack = None
+        cache = self.weight_cache if self.weight_cache != "auto" else w.device.type == "cpu"
+        self.weight_fq = self._fake_quant_weight() if cache else None
+
+    @property
+    def weight_quantized(self) -> bool:
+        """Whether :meth:`quantize_weight` has set weight parameters (the weight may be cached or not)."""
+        return self.weight_bits is not None
+
+    @torch.no_grad()
+    def _fake_quant_weight(self) -> Tensor:
+        """The fake-quantized weight, computed now (bit-identical to the cached one)."""
+        w = self.weight.detach()
+        if self.weight_scale.device != w.device:
+            self.weight_scale, self.weight_zp = self.weight_scale.to(w.device), self.weight_zp.to(w.device)
+            self._weight_stack = None
+        if not torch.compiler.is_compiling() and fused.available(w):
+            st = self._weight_stack
+            if st is None:
+                st = self._weight_stack = (
+                    fused.ParamStack.from_sets({0: (self.weight_scale, self.weight_zp)}, 0, ()),
+                    torch.zeros((), dtype=torch.int32, device=w.device))
+            return fused.fake_quant_uniform_fused(w, st[0], st[1], self.weight_bits,
+                                                  symmetric=self.weight_symmetric)
+        return fake_quant_uniform(w, self.weight_scale, self.weight_zp, self.weight_bits,
+                                  symmetric=self.weight_symmetric).to(w.dtype)
 
     def set_mode(self, mode: str) -> None:
         """Activation mode plus which weight is used (see the module docstring)."""
         _set_layer_mode(self, mode)
 
     def _weight(self) -> Tensor:
-        return self.weight_fq if self.use_quantized_weight else self.weight
+        if not self.use_quantized_weight:
+            return self.weight
+        if self.weight_fq is not None:
+            return self.weight_fq
+        return self._fake_quant_weight()  # transient: freed after the layer's forward
 
 
 class QuantLinear(_QuantLayerMixin, nn.Module):
@@ -336,5 +430,5 @@ def check_unfoldable(conv: nn.Conv2d, name: str) -> None:
 
 def weight_bits_per_param(layer) -> float:
     """Bits per weight parameter of a quantized layer (32 if its weight is FP)."""
-    return float(layer.weight_bits) if layer.weight_fq is not None else 32.0
+    return float(layer.weight_bits) if layer.weight_quantized else 32.0
 

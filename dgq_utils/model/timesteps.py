@@ -60,21 +60,66 @@ MAPPINGS = ("exact", "official", "shared")
 MISMATCH_POLICIES = ("error", "nearest", "strict")
 
 
-@dataclass
 class TimestepState:
     """Shared, mutable "where are we in the sampling trajectory" record read by every quantizer.
 
     ``set_index``: parameter set to use now. ``call_index``: UNet calls since the generation started (0-based).
     ``t``: the timestep value of the current call (``None`` before the first call).
+
+    :meth:`index_tensor` gives the set index as a 0-d ``int32`` tensor on a device, updated in place (an
+    asynchronous ``fill_``, no host sync) whenever ``set_index`` is assigned: GPU kernels and compiled graphs read
+    the set from it, so the host never waits and a compiled graph does not specialise (recompile) on the set.
     """
 
-    set_index: int = 0
-    call_index: int = -1
-    t: float | None = None
+    __slots__ = ("_index_tensors", "_set_index", "call_index", "t")
+
+    def __init__(self, set_index: int = 0, call_index: int = -1, t: float | None = None):
+        self._index_tensors: dict[torch.device, torch.Tensor] = {}
+        self._set_index = int(set_index)
+        self.call_index = call_index
+        self.t = t
+
+    @property
+    def set_index(self) -> int:
+        return self._set_index
+
+    @set_index.setter
+    def set_index(self, value: int) -> None:
+        value = int(value)
+        if value != self._set_index:
+            for buf in self._index_tensors.values():
+                buf.fill_(value)
+        self._set_index = value
+
+    def index_tensor(self, device: torch.device) -> torch.Tensor:
+        """The current set index as a 0-d ``int32`` tensor on ``device`` (the same tensor every call)."""
+        buf = self._index_tensors.get(device)
+        if buf is None:
+            buf = self._index_tensors[device] = torch.full((), self._set_index, dtype=torch.int32, device=device)
+        return buf
+
+    def __repr__(self) -> str:
+        return f"TimestepState(set_index={self._set_index}, call_index={self.call_index}, t={self.t})"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, TimestepState):
+            return NotImplemented
+        return (self._set_index, self.call_index, self.t) == (other._set_index, other.call_index, other.t)
+
+    __hash__ = None
 
 
-def _timestep_value(t) -> float:
-    """A Python float from the UNet's ``timestep`` argument (number, 0-d or 1-d tensor with equal entries)."""
+def _timestep_value(t, known: _HostTimesteps | None = None) -> float:
+    """A Python float from the UNet's ``timestep`` argument (number, 0-d or 1-d tensor with equal entries).
+
+    ``known``: the host copy of the scheduler's timesteps; a ``t`` that is a view into them (what a pipeline
+    passes: an element of ``scheduler.timesteps``, possibly expanded to the batch) is read from that copy
+    without a device -> host synchronisation.
+    """
+    if known is not None and isinstance(t, torch.Tensor):
+        v = known.lookup(t)
+        if v is not None:
+            return v
     if isinstance(t, torch.Tensor):
         if t.numel() == 0:
             raise ValueError("The UNet was called with an empty timestep tensor.")
@@ -86,6 +131,28 @@ def _timestep_value(t) -> float:
             )
         return float(flat[0])
     return float(t)
+
+
+class _HostTimesteps:
+    """A host copy of one ``scheduler.timesteps`` tensor (made once per generation) and the lookup of a ``t`` that
+    shares its memory: the element offset into the storage names the entry, so its value needs no sync."""
+
+    def __init__(self, ts: torch.Tensor):
+        self.ts = ts
+        self.values = [float(v) for v in ts.detach().reshape(-1).tolist()] if ts.is_contiguous() else None
+        self.storage_ptr = ts.untyped_storage().data_ptr()
+
+    def lookup(self, t: torch.Tensor) -> float | None:
+        ts = self.ts
+        if (self.values is None or t.dtype != ts.dtype or t.device != ts.device or t.numel() == 0
+                or t.untyped_storage().data_ptr() != self.storage_ptr):
+            return None
+        if t.numel() > 1 and any(st != 0 for st, n in zip(t.stride(), t.shape) if n > 1):
+            return None  # several distinct elements: let the general path check them
+        off = t.storage_offset() - ts.storage_offset()
+        if not 0 <= off < len(self.values):
+            return None
+        return self.values[off]
 
 
 @dataclass
@@ -115,6 +182,7 @@ class TimestepController:
         self._pipe_ref = None
         self._handle = None
         self._last_timesteps = None
+        self._host_ts = None
         self._inside_callback = False
         self._warned_this_generation = False
         self._approximated = 0
@@ -122,7 +190,7 @@ class TimestepController:
         self.calibration_generations = 0
 
     # -- wiring ------------------------------------------------------------------------------------------------
-    def install(self, unet, pipe=None) -> "TimestepController":
+    def install(self, unet, pipe=None) -> TimestepController:
         """Register the pre-hook on ``unet``; ``pipe`` (optional, held weakly) provides the scheduler."""
         self._pipe_ref = weakref.ref(pipe) if pipe is not None else None
         self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -163,6 +231,17 @@ class TimestepController:
         pipe = self._pipe_ref() if self._pipe_ref is not None else None
         return getattr(pipe, "scheduler", None) if pipe is not None else None
 
+    def _host_timesteps(self) -> _HostTimesteps | None:
+        """The host copy of the current ``scheduler.timesteps`` (re-made when the tensor changes)."""
+        sched = self._scheduler()
+        ts = getattr(sched, "timesteps", None) if sched is not None else None
+        if not isinstance(ts, torch.Tensor):
+            return None
+        cached = self._host_ts
+        if cached is None or cached.ts is not ts:
+            cached = self._host_ts = _HostTimesteps(ts)
+        return cached
+
     def _new_generation(self, t: float) -> bool:
         sched = self._scheduler()
         ts = getattr(sched, "timesteps", None) if sched is not None else None
@@ -176,16 +255,17 @@ class TimestepController:
             return True
         return self.mode == "infer" and self.mapping == "exact" and self.state.call_index + 1 >= len(self.schedule)
 
+    @torch.compiler.disable
     def _hook(self, module, args, kwargs):
         if self._inside_callback:
-            return None
+            return
         if len(args) > 1:
             t_arg = args[1]
         elif "timestep" in kwargs:
             t_arg = kwargs["timestep"]
         else:
             raise ValueError("DGQ timestep hook: the UNet was called without a `timestep` argument.")
-        t = _timestep_value(t_arg)
+        t = _timestep_value(t_arg, self._host_timesteps())
         if self._new_generation(t):
             if self.mode == "calibrate":
                 self._close_calibration_generation()
@@ -201,7 +281,7 @@ class TimestepController:
                 self.callback(module, args, kwargs)
             finally:
                 self._inside_callback = False
-        return None
+        return
 
     # -- mapping -----------------------------------------------------------------------------------------------
     def _set_index(self, i: int, t: float) -> int:

@@ -384,7 +384,7 @@ def build_report(qs: QuantState, seconds: float) -> QuantizationReport:
                              "axis": d.get("axis"), "k": d.get("k"), "n": d.get("n"), "source": d.get("source")})
 
     for name, layer in qs.layers.items():
-        wbits = layer.weight_bits if layer.weight_fq is not None else 32
+        wbits = layer.weight_bits if layer.weight_quantized else 32
         lt = "linear" if isinstance(layer, QuantLinear) else "conv"
         add(name, "input", lt, wbits, layer.act, gran if layer.act is not None else "fp",
             act_bits if layer.act is not None else 32)

@@ -116,7 +116,7 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
         tensors[key] = t.detach().to("cpu").contiguous().clone()
 
     for name, layer in qs.layers.items():
-        if layer.weight_fq is not None:
+        if layer.weight_quantized:
             put(f"{name}.weight.scale", layer.weight_scale)
             put(f"{name}.weight.zero_point", layer.weight_zp)
     quant_meta = {}
