@@ -1,9 +1,9 @@
 """The report: what the notebooks compute and show, and the papermill chain that runs them.
 
 Modules, in the order of the notebooks: :mod:`.folders` (where a run writes), :mod:`.context` (model, device,
-prompts), :mod:`.layer_names`, :mod:`.outliers` (01), :mod:`.grouping_study` (02), :mod:`.attention_study` (03),
+prompts), :mod:`.session` (the one set-up call of every notebook: ``S = A.setup(globals())``), :mod:`.layer_names`, :mod:`.outliers` (01), :mod:`.grouping_study` (02), :mod:`.attention_study` (03),
 :mod:`.comparison` (04-06: metrics set-up, ablation recipes, paired tables, the paper's
-Table 2), :mod:`.prose` (sentences from the numbers), :mod:`.plots` (figures), :mod:`.chain` (``python -m
+Table 2), :mod:`.paper_protocol` (05's branch for real SD checkpoints), :mod:`.prose` (sentences from the numbers), :mod:`.plots` (figures), :mod:`.chain` (``python -m
 dgq_utils.report``) and :mod:`.demo`.
 
 The notebooks import this package as one namespace (``from dgq_utils import report as A``); the names below are
@@ -16,4 +16,6 @@ from dgq_utils.report.folders import *  # noqa: F401,F403
 from dgq_utils.report.grouping_study import *  # noqa: F401,F403
 from dgq_utils.report.layer_names import *  # noqa: F401,F403
 from dgq_utils.report.outliers import *  # noqa: F401,F403
+from dgq_utils.report.paper_protocol import *  # noqa: F401,F403
 from dgq_utils.report.prose import *  # noqa: F401,F403
+from dgq_utils.report.session import *  # noqa: F401,F403

@@ -22,6 +22,9 @@ __all__ = [
     "dgq_vs_baseline",
     "describe_comparison",
     "describe_ablations",
+    "describe_fidelity",
+    "describe_ci_widths",
+    "describe_paper_agreement",
     "pixel_shape",
     "evenly_spaced",
 ]
@@ -208,6 +211,36 @@ def describe_ablations(versus: pd.DataFrame, metrics: Sequence[str], *, base: st
         label = ablation_label(name, base)
         out.append(f"- **{label}**: " + ("; ".join(changed) if changed else "no change resolved at this N"))
     return "\n".join(out)
+
+
+def describe_fidelity(table: pd.DataFrame) -> str:
+    """Notebook 04: mean PSNR to FP of DGQ vs the baseline at each bit setting, one bullet each."""
+    m = table[table.metric == "psnr"].set_index("recipe")["value"]
+    lines = [f"- {s.upper()}: DGQ {m.get('dgq-' + s, float('nan')):.1f} dB vs baseline "
+             f"{m.get('baseline-' + s, float('nan')):.1f} dB" for s in ("w8a8", "w8a6", "w4a8")]
+    return ("Mean PSNR to FP over the grid's prompts (see notebook 05 for the full evaluation with CIs):\n"
+            + "\n".join(lines))
+
+
+def describe_ci_widths(table: pd.DataFrame, versus: pd.DataFrame, widths: pd.DataFrame, metrics: Sequence[str],
+                       n_prompts: int) -> str:
+    """Notebook 05: DGQ vs baseline (:func:`describe_comparison`) and the median CI half-width N buys."""
+    w = widths.set_index("metric")
+    return ("**DGQ vs baseline, paired on the same prompts and seeds** (difference [95% CI]; *better* / *worse* "
+            "when the CI excludes 0):\n" + describe_comparison(table, versus, metrics)
+            + f"\n\n**What N = {n_prompts} buys:** median 95% CI half-width "
+            + ", ".join(f"{m} ±{w.loc[m, 'median_halfwidth']:.3g}" for m in metrics if m in w.index)
+            + ". Paired differences are tighter: see the second figure.")
+
+
+def describe_paper_agreement(comp: pd.DataFrame) -> str:
+    """Notebook 05: in how many (setting, metric) cells DGQ beats the baseline in the paper and here, and whether
+    the direction agrees (``comp``: :func:`dgq_utils.report.comparison.paper_comparison`)."""
+    agree = comp.dropna(subset=["ours_dgq_beats_baseline"])
+    same = (agree.paper_dgq_beats_baseline == agree.ours_dgq_beats_baseline)
+    return (f"DGQ beats the baseline in the paper in {int(agree.paper_dgq_beats_baseline.sum())} of "
+            f"{len(agree)} (setting, metric) cells and here in {int(agree.ours_dgq_beats_baseline.sum())}; "
+            f"the direction agrees in {int(same.sum())} of {len(agree)}.")
 
 
 def pixel_shape(stats, layer: str, timestep_index: int):

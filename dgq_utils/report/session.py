@@ -1,0 +1,170 @@
+"""One set-up call for a report notebook: model, output folders, prompts, sampler and the shared caches.
+
+Every notebook of the report starts the same way: load the model (:func:`open_model`), pick the figure/result
+folders (:func:`output_dirs`), draw the evaluation and calibration prompts, build the sampler settings and, in
+04-06, open the calibrated-state cache they share. :func:`setup` does all of it from the notebook's
+``parameters`` cell::
+
+    S = A.setup(globals())                     # reads model_id, device, quick, seed, n_prompts, ...
+    S = A.setup(globals(), n_prompts=n_attn_prompts)   # a notebook whose prompt count has another name
+
+and the :class:`Session` it returns saves tables and figures, shows generated prose and runs the FP vs quantized
+comparisons of 04-06 with the same keys, caches and sampler.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from dgq_utils.calibrate.observe import collect_activation_stats
+from dgq_utils.config import SamplerSettings
+from dgq_utils.evaluate.compare import run_comparison
+from dgq_utils.evaluate.config import BootstrapConfig, EvaluationSet, MetricsConfig, Workspace
+from dgq_utils.quantize.cache import StateCache
+from dgq_utils.report.context import ModelContext, open_model
+from dgq_utils.report.folders import output_dirs, write_table
+
+__all__ = [
+    "SetupConfig",
+    "Session",
+    "setup",
+    "RECIPES",
+]
+
+#: the six recipes compared in notebooks 04 and 05 (baseline vs DGQ at the paper's three bit settings)
+RECIPES = ["baseline-w8a8", "dgq-w8a8", "baseline-w8a6", "dgq-w8a6", "baseline-w4a8", "dgq-w4a8"]
+
+
+@dataclass(frozen=True)
+class SetupConfig:
+    """What :func:`setup` needs; the field names are the notebooks' parameter names.
+
+    ``n_prompts``: evaluation prompts (``None``: none); ``n_calibration``: calibration prompts disjoint from them
+    (``None``: none). ``work_dir``: root of the caches shared by notebooks 04-06 (``None``: ``outputs/work``).
+    """
+
+    model_id: str | None = None
+    device: str = "cpu"
+    quick: bool = False
+    seed: int = 0
+    threads: int | None = None
+    save_to: str | None = None
+    work_dir: str | None = None
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    n_prompts: int | None = None
+    n_calibration: int | None = None
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any], **overrides: Any) -> "SetupConfig":
+        """The fields found in ``namespace`` (a notebook's ``globals()``), then ``overrides``; other names in the
+        namespace are ignored, an override that is no field is an error."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"setup: unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(names)}.")
+        values = {k: namespace[k] for k in names if k in namespace}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class Session:
+    """What a report notebook works with after :func:`setup`."""
+
+    config: SetupConfig
+    ctx: ModelContext
+    figures: Path
+    results: Path
+    prompts: list[str]
+    calibration: list[str]
+    sampler: SamplerSettings
+
+    @cached_property
+    def states(self) -> StateCache:
+        """The calibrated-state cache shared by notebooks 04-06 (:meth:`ModelContext.state_cache`): each recipe
+        is calibrated once per model."""
+        return self.ctx.state_cache()
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    # ---------------------------------------------------------------------------------------------- output
+    def fig(self, name: str) -> Path:
+        """Path of figure ``name`` in this run's figure folder (pass it as a plot's ``path=``)."""
+        return self.figures / name
+
+    def table(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
+        """Write ``df`` as ``name`` in this run's result folder (:func:`write_table`); returns ``df``."""
+        write_table(df, self.results / name)
+        return df
+
+    @staticmethod
+    def show(*items: Any) -> None:
+        """Display each item: strings as Markdown (the generated prose), anything else as itself (tables)."""
+        from IPython.display import Markdown, display
+
+        for item in items:
+            display(Markdown(item) if isinstance(item, str) else item)
+
+    # ---------------------------------------------------------------------------------------------- compute
+    def activation_stats(self, prompts: Sequence[str], **kwargs: Any):
+        """:func:`dgq_utils.calibrate.observe.collect_activation_stats` on the FP pipeline with this sampler/seed."""
+        return collect_activation_stats(self.ctx.pipe, prompts, self.sampler, self.seed, **kwargs)
+
+    def bootstrap(self, **kwargs: Any) -> BootstrapConfig:
+        """A :class:`BootstrapConfig` seeded with this run's seed."""
+        return BootstrapConfig(seed=self.seed, **kwargs)
+
+    def compare(self, recipes: Sequence[Any], prompts: Sequence[str], *, tag: str, metrics: Sequence[str],
+                metric_setup: MetricsConfig, bootstrap: BootstrapConfig, title: str, **key: Any):
+        """FP vs ``recipes`` on ``prompts`` (:func:`dgq_utils.evaluate.compare.run_comparison`) with this run's
+        calibration prompts, seed, sampler, image cache and calibrated-state cache.
+
+        The run folder is ``ctx.run_dir(tag, ...)`` keyed by the prompts, calibration prompts, sampler, metrics,
+        seed and ``key`` (whatever else changes the results, e.g. ``n_boot``).
+        """
+        work = Workspace(self.ctx.run_dir(tag, prompts=list(prompts), calibration=self.calibration,
+                                          settings=str(self.sampler), metrics=list(metrics), seed=self.seed, **key),
+                         image_cache=self.ctx.work_dir("images"), states=self.states)
+        data = EvaluationSet(list(prompts), self.calibration, [self.seed], calibration_seed=self.seed)
+        return run_comparison(self.ctx.pipe, list(recipes), data, work, metrics=metric_setup, bootstrap=bootstrap,
+                              title=title, sampler=self.sampler, model_id=self.ctx.model_key)
+
+
+def setup(parameters: SetupConfig | Mapping[str, Any], **overrides: Any) -> Session:
+    """Open the model and everything a notebook shares with the others; print what was chosen.
+
+    ``parameters``: a :class:`SetupConfig`, or the notebook's namespace (``globals()``) from which the
+    :class:`SetupConfig` fields are read (:meth:`SetupConfig.from_namespace`); ``overrides`` replace fields (a
+    notebook whose prompt count has its own name passes ``n_prompts=...``).
+    """
+    if isinstance(parameters, SetupConfig):
+        config = SetupConfig(**{**{f.name: getattr(parameters, f.name) for f in fields(SetupConfig)}, **overrides})
+    elif isinstance(parameters, Mapping):
+        config = SetupConfig.from_namespace(parameters, **overrides)
+    else:
+        raise TypeError(f"setup: parameters must be a SetupConfig or a mapping such as globals(); "
+                        f"got {type(parameters).__name__}")
+    ctx = open_model(config.model_id, device=config.device, threads=config.threads,
+                     work_root=None if config.work_dir is None else os.fspath(config.work_dir))
+    figures, results = output_dirs(config.save_to, quick=config.quick, kind=ctx.kind)
+    prompts = ctx.prompts(config.n_prompts, seed=config.seed) if config.n_prompts else []
+    calibration = (ctx.calibration_prompts(config.n_calibration, exclude=prompts, seed=config.seed)
+                   if config.n_calibration else [])
+    sampler = SamplerSettings(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                              batch_size=config.batch_size)
+    session = Session(config, ctx, figures, results, prompts, calibration, sampler)
+    print(f"model: {ctx.label} ({ctx.kind}, key {ctx.model_key}) on {config.device}")
+    print(f"figures -> {figures}\nresults -> {results}")
+    example = f"; e.g. {(prompts or calibration)[0]!r}" if (prompts or calibration) else ""
+    print(f"{len(prompts)} evaluation prompts, {len(calibration)} calibration prompts, "
+          f"{config.num_inference_steps} steps, guidance {config.guidance_scale}{example}")
+    return session
