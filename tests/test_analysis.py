@@ -85,6 +85,43 @@ def test_open_model_tiny_and_missing_path():
         A.open_model("/no/such/model/folder")
 
 
+def test_setup_reads_the_parameters_and_matches_the_manual_set_up(tmp_path, capsys):
+    """A.setup(globals()) gives what the notebooks' set-up cells built by hand: the same prompts, folders,
+    sampler and state-cache folder; other names in the namespace are ignored."""
+    ns = {"model_id": "tiny", "quick": True, "seed": 3, "save_to": str(tmp_path / "out"),
+          "work_dir": str(tmp_path / "work"), "n_prompts": 4, "n_calibration": 2, "num_inference_steps": 2,
+          "batch_size": 2, "n_show": 7, "A": A}
+    S = A.setup(ns)
+    ctx = A.open_model("tiny", work_root=tmp_path / "work")
+    prompts = ctx.prompts(4, seed=3)
+    assert S.ctx.model_key == ctx.model_key
+    assert S.prompts == prompts and S.calibration == ctx.calibration_prompts(2, exclude=prompts, seed=3)
+    assert (S.figures, S.results) == A.output_dirs(tmp_path / "out", quick=True, kind="tiny")
+    assert S.sampler.num_inference_steps == 2 and S.sampler.batch_size == 2 and S.sampler.guidance_scale == 7.5
+    assert S.states.state_dir == ctx.state_cache().state_dir
+    assert "4 evaluation prompts, 2 calibration prompts, 2 steps" in capsys.readouterr().out
+    df = pd.DataFrame({"a": [1.5, 2.0]})
+    assert S.table(df, "t.csv") is df
+    assert (S.results / "t.csv").read_text() == "a\n1.5\n2\n"
+    assert S.fig("f.png") == S.figures / "f.png"
+    # a notebook whose counts have their own names overrides them; no prompts asked for -> none drawn
+    S1 = A.setup(ns, n_prompts=None, n_calibration=3)
+    assert S1.prompts == [] and S1.calibration == ctx.calibration_prompts(3, seed=3)
+
+
+def test_setup_rejects_unknown_settings_and_bad_parameters():
+    with pytest.raises(TypeError, match="n_promts"):
+        A.setup({"model_id": "tiny"}, n_promts=3)
+    with pytest.raises(TypeError, match="SetupConfig or a mapping"):
+        A.setup(["tiny"])
+
+
+def test_protocol_comparison_needs_prompt_counts():
+    S = A.setup(A.SetupConfig(model_id="tiny", quick=True))
+    with pytest.raises(ValueError, match="n_prompts and n_calibration"):
+        A.run_protocol_comparison(S, None, [], bootstrap=S.bootstrap())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # statistics tables on synthetic ActivationStats
 # ----------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The report: what the notebooks compute and show, and the papermill chain that runs them.
 
 Modules, in the order of the notebooks: :mod:`.folders` (where a run writes), :mod:`.context` (model, device,
-prompts), :mod:`.session` (the one set-up call of every notebook: ``S = A.setup(globals())``), :mod:`.layer_names`, :mod:`.outliers` (01), :mod:`.grouping_study` (02), :mod:`.attention_study` (03),
-:mod:`.comparison` (04-06: metrics set-up, ablation recipes, paired tables, the paper's
-Table 2), :mod:`.paper_protocol` (05's branch for real SD checkpoints), :mod:`.prose` (sentences from the numbers), :mod:`.plots` (figures), :mod:`.chain` (``python -m
-dgq_utils.report``) and :mod:`.demo`.
+prompts), :mod:`.session` (the one set-up call of every notebook: ``S = A.setup(globals())``),
+:mod:`.layer_names`, :mod:`.outliers` (01), :mod:`.grouping_study` (02), :mod:`.attention_study` (03),
+:mod:`.comparison` (04-06: metrics set-up, ablation recipes, paired tables, the paper's Table 2),
+:mod:`.paper_protocol` (05's branch for real SD checkpoints), :mod:`.prose` (sentences from the numbers),
+:mod:`.plots` (figures), :mod:`.chain` (``python -m dgq_utils.report``) and :mod:`.demo`.
 
 The notebooks import this package as one namespace (``from dgq_utils import report as A``); the names below are
 the notebook-facing functions of the study modules.
