@@ -48,21 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 from dgq_utils.atomic import atomic_write_text
 
-try:  # the package is being regrouped into stage subpackages; accept both layouts
-    from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline
-except ImportError:  # pragma: no cover - old layout
-    from dgq_utils.pipeline import dequantize_pipeline, quantize_pipeline
+from dgq_utils.quantize.pipeline import dequantize_pipeline, quantize_pipeline  # noqa: E402
+from dgq_utils.testing.sd_scale import SD15_UNET  # noqa: E402  (SD v1.5 UNet config, 859.5 M parameters)
 
-#: SD v1.5's UNet configuration (the values of its ``unet/config.json`` that differ from diffusers' defaults or
-#: define the architecture); 859.5 M parameters.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, downsample_padding=1,
-    flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5,
-)
 #: The same block structure, tiny (CPU smoke test).
 TINY_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
