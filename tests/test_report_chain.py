@@ -27,7 +27,27 @@ def test_chain_runs_in_order_injects_parameters_and_exports_html(tmp_path):
     assert [r.notebook for r in runs] == ["01_first.ipynb", "02_second.ipynb"]
     assert (src / "order.txt").read_text() == "12"
     assert all(r.html.exists() and r.output.exists() for r in runs)
-    assert set(json.loads((out / "timings.json").read_text())["seconds"]) == {"01_first.ipynb", "02_second.ipynb"}
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings["seconds"]) == {"01_first.ipynb", "02_second.ipynb"}
+    assert timings["total_seconds"] >= sum(timings["seconds"].values()) - 1
+
+
+def test_stages_inside_notebooks_reach_the_chain_timing_log(tmp_path):
+    src = tmp_path / "nb"
+    src.mkdir()
+    _notebook(src / "01_first.ipynb", ["from dgq_utils.timing import stage",
+                                       "with stage('calibrate', recipe='r'):\n    with stage('kmeans'):\n        pass"])
+    _notebook(src / "02_second.ipynb", ["from dgq_utils.timing import stage", "with stage('generate'):\n    pass"])
+    out = tmp_path / "out"
+    lines = []
+    run_chain({}, out_dir=out, notebooks=list_notebooks(src), html=False, log=lines.append)
+    rows = [json.loads(x) for x in (out / "timings.jsonl").read_text().splitlines()]
+    assert [(r["notebook"], r["stage"]) for r in rows] == [("01_first.ipynb", "kmeans"), ("01_first.ipynb", "calibrate"),
+                                                          ("02_second.ipynb", "generate")]
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings["stages"]["01_first.ipynb"]) == {"calibrate", "kmeans"}
+    assert "calibrate" in (out / "timings_stages.csv").read_text()
+    assert "total" in lines[-1] and "calibrate" in lines[-1]
 
 
 def test_failure_names_notebook_and_cell(tmp_path):

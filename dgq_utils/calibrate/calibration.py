@@ -64,6 +64,7 @@ from dgq_utils.core.grouping import (
 from dgq_utils.core.quantizers import uniform_qparams
 from dgq_utils.core.stats import axes_for, stats_to_host
 from dgq_utils.model.layers import ActQuantizer
+from dgq_utils.timing import stage
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,9 @@ def calibrate(
 
         controller.callback = official_passes
     try:
-        with Trace(pipe, sampler, seed, controller=controller, progress=progress,
-                   desc=f"calibrating {recipe.name}") as trace:
+        with stage("observe", recipe=recipe.name, n=len(prompts)), \
+                Trace(pipe, sampler, seed, controller=controller, progress=progress,
+                      desc=f"calibrating {recipe.name}") as trace:
             trace.run(prompts)
     finally:
         controller.callback = None
@@ -273,8 +275,9 @@ def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
             if k < k_req:
                 clamped += 1
             planned.append((q, i, st, axis, stats, k, k_req))
-    all_ids = assign_groups_many([(p[4], p[5]) for p in planned], method=cfg.grouping, seed=cfg.seed,
-                                 n_jobs=n_jobs)
+    with stage("kmeans" if cfg.grouping == "kmeans" else "groups", n=len(planned)):
+        all_ids = assign_groups_many([(p[4], p[5]) for p in planned], method=cfg.grouping, seed=cfg.seed,
+                                     n_jobs=n_jobs)
     for (q, i, st, axis, stats, k, k_req), ids in zip(planned, all_ids):
         scale, zp = per_index_qparams(stats, ids, k, q.bits, include_zero=cfg.group_range_includes_zero,
                                       symmetric=cfg.symmetric)

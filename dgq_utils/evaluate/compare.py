@@ -62,6 +62,7 @@ from dgq_utils.generate.images import (
 from dgq_utils.model.identity import model_identity
 from dgq_utils.model.loading import load_pipeline
 from dgq_utils.quantize.pipeline import dequantize_pipeline, is_quantized
+from dgq_utils.timing import stage
 
 __all__ = ["DEFAULT_METRICS", "DEFAULT_RECIPES", "ComparisonResult", "Reference", "run_comparison"]
 
@@ -139,8 +140,9 @@ def _recipe_list(recipes) -> list:
 
 
 def _features(gen: GenerationResult, ctx: _Ctx) -> dict[str, np.ndarray]:
-    return M.extract_features(gen, ctx.cfg.extractor, weights_path=ctx.cfg.extractor_weights, size=ctx.cfg.resize,
-                              cache_dir=ctx.feature_dir, device=ctx.cfg.device)
+    with stage("features", n=len(gen)):
+        return M.extract_features(gen, ctx.cfg.extractor, weights_path=ctx.cfg.extractor_weights, size=ctx.cfg.resize,
+                                  cache_dir=ctx.feature_dir, device=ctx.cfg.device)
 
 
 def _save_per_image(path: Path, df: pd.DataFrame) -> None:
@@ -412,22 +414,28 @@ def run_comparison(
         name = describe_recipe(recipe)[0]
         gen_kw = dict(recipe=recipe, model_id=mid, settings=sampler, progress=progress, on_image=on_image)
         if name == "fp":
-            gen = generate_images(fp_pipe, prompts, seeds, cache_root, **gen_kw)
+            with stage("generate", recipe=name, n=len(prompts)):
+                gen = generate_images(fp_pipe, prompts, seeds, cache_root, **gen_kw)
         elif count_missing(fp_pipe, prompts, seeds, cache_root, recipe=recipe, model_id=mid, settings=sampler) == 0:
             # every image is cached: no need to calibrate or load a quantized pipeline at all
             gen = generate_images(fp_pipe, prompts, seeds, cache_root, require_cached=True, **gen_kw)
         else:
             pipe = fresh_pipe()
-            states.quantize(pipe, recipe, calibration_prompts, sampler, seed=data.calibration_seed, model_id=mid,
-                            progress=progress)
-            gen = generate_images(pipe, prompts, seeds, cache_root, **gen_kw)
+            hits_before = len(states.hits)
+            with stage("calibrate", recipe=name) as info:
+                states.quantize(pipe, recipe, calibration_prompts, sampler, seed=data.calibration_seed, model_id=mid,
+                                progress=progress)
+                info["cached"] = len(states.hits) > hits_before
+            with stage("generate", recipe=name, n=len(prompts)):
+                gen = generate_images(pipe, prompts, seeds, cache_root, **gen_kw)
         generations[name] = gen
         per_path = per_dir / f"{name}.csv"
         if _done(name):
             per = pd.read_csv(per_path)
             feats = _features(gen, ctx) if set_metrics else None
         else:
-            rows, prow, per, feats = _measure(name, gen, generations["fp"], fp_per, fp_feats, ctx)
+            with stage("metrics", recipe=name, n=len(prompts)):
+                rows, prow, per, feats = _measure(name, gen, generations["fp"], fp_per, fp_feats, ctx)
             _save_per_image(per_path, per)
             if prow:
                 paired_table.add(prow)

@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from dgq_utils.core.quantizers import (
     fake_quant_uniform,
     uniform_qparams,
-    weight_qparams,
 )
 from dgq_utils.core.stats import TensorStats, axes_for
+from dgq_utils.core.weight_memo import memo_weight_qparams
 from dgq_utils.kernels import fake_quant as fused
 from dgq_utils.model.timesteps import TimestepState
 
@@ -284,8 +284,8 @@ class _QuantLayerMixin:
             if cfg is None:
                 raise ValueError("quantize_weight needs a WeightQuantConfig or explicit scale / zero_point.")
             bits, symmetric = cfg.bits, cfg.symmetric
-            scale, zero_point = weight_qparams(w, bits, granularity=cfg.granularity, symmetric=symmetric,
-                                               range_method=cfg.range_method)
+            scale, zero_point = memo_weight_qparams(w, bits, granularity=cfg.granularity, symmetric=symmetric,
+                                                    range_method=cfg.range_method)
         if bits is None or symmetric is None or zero_point is None:
             raise ValueError("explicit weight parameters need scale, zero_point, bits and symmetric.")
         scale = scale.to(device=w.device, dtype=torch.float32)

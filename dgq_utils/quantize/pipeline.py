@@ -53,6 +53,7 @@ from dgq_utils.config.sampler import SamplerSettings, takes_sampler
 from dgq_utils.config.validation import check_choice, check_prompts, check_seed
 from dgq_utils.model.attention import DGQAttnProcessor, ProbQuantizer
 from dgq_utils.model.layers import ActQuantizer, QuantConv2d, QuantLinear
+from dgq_utils.timing import stage
 from dgq_utils.model.timesteps import MISMATCH_POLICIES, TimestepController, TimestepState, mapping_for
 
 __all__ = [
@@ -238,7 +239,8 @@ def install(pipe, recipe: QuantRecipe, *, quantize_weights: bool, on_timestep_mi
                                   state=state)
             wrapper = QuantLinear(module, name, aq) if is_linear else QuantConv2d(module, name, aq, layout=layout)
             if quantize_weights and recipe.weights is not None:
-                wrapper.quantize_weight(recipe.weights)
+                with stage("weights"):
+                    wrapper.quantize_weight(recipe.weights)
             _set_submodule(unet, name, wrapper)
             qs.layers[name] = wrapper
     else:

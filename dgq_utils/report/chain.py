@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgq_utils import paths
+from dgq_utils import paths, timing
+from dgq_utils.atomic import atomic_write_json
 from dgq_utils.report.parameters import check_chain_parameters
 
 ROOT = paths.REPO_ROOT
@@ -92,7 +93,6 @@ def run_chain(
     notebook is kept in ``out_dir`` for inspection.
     """
     import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
 
     log = log or (lambda message: print(message, flush=True))
     parameters = dict(parameters or {})
@@ -111,33 +111,78 @@ def run_chain(
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[NotebookRun] = []
     total = len(books)
-    for i, book in enumerate(books, 1):
-        target = out_dir / book.name
-        log(f"[{i}/{total}] {book.name} ...")
-        start = time.perf_counter()
-        try:
-            pm.execute_notebook(
-                str(book),
-                str(target),
-                parameters={k: v for k, v in parameters.items() if k in declared[book]},
-                kernel_name=kernel_name,
-                progress_bar=False,
-                cwd=str(book.parent),
-            )
-        except PapermillExecutionError as err:
-            first_line = (err.source or "").strip().splitlines()[:1]
-            raise ChainError(
-                f"{book.name} failed in cell {err.cell_index} (execution count {err.exec_count}"
-                f"{': ' + first_line[0] if first_line else ''}): {err.ename}: {err.evalue}\n"
-                f"The executed notebook up to the failure is in {target}."
-            ) from None
-        seconds = time.perf_counter() - start
-        page = export_html(target) if html else None
-        log(f"[{i}/{total}] {book.name} done in {seconds:.1f} s -> {target}")
-        runs.append(NotebookRun(book.name, seconds, target, page))
-    timing = {r.notebook: round(r.seconds, 1) for r in runs}
-    (out_dir / "timings.json").write_text(json.dumps({"parameters": parameters, "seconds": timing}, indent=2))
+    stage_log = out_dir / "timings.jsonl"
+    stage_log.unlink(missing_ok=True)
+    saved_env = {k: os.environ.get(k) for k in (timing.LOG_ENV, timing.NOTEBOOK_ENV)}
+    os.environ[timing.LOG_ENV] = str(stage_log.resolve())
+    chain_start = time.perf_counter()
+    try:
+        for i, book in enumerate(books, 1):
+            os.environ[timing.NOTEBOOK_ENV] = book.name
+            runs.append(_run_one(book, f"[{i}/{total}]", out_dir, parameters, declared[book], kernel_name, html, log))
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    write_timings(out_dir, parameters, runs, time.perf_counter() - chain_start, log)
     return runs
+
+
+def write_timings(out_dir: Path, parameters: dict, runs: list[NotebookRun], wall: float, log) -> None:
+    """``timings.json`` (per notebook, per stage, total), ``timings_stages.csv`` (:func:`dgq_utils.timing.summarise`
+    of the stage log ``timings.jsonl``) in ``out_dir``, and the table printed through ``log``."""
+    stages = timing.summarise(out_dir / "timings.jsonl")
+    stages.to_csv(out_dir / "timings_stages.csv", index=False)
+    nested = timing.summarise(out_dir / "timings.jsonl", all_depths=True)
+    atomic_write_json(out_dir / "timings.json", {
+        "parameters": parameters,
+        "total_seconds": round(wall, 1),
+        "seconds": {r.notebook: round(r.seconds, 1) for r in runs},
+        # every stage, nested ones too (kmeans / weights / observe inside calibrate, bootstrap inside metrics)
+        "stages": {nb: {row.stage: row.seconds for row in grp.itertuples()}
+                   for nb, grp in nested.groupby("notebook")},
+        "cpus": os.cpu_count(),
+    })
+    lines = [f"{'notebook':32s} {'seconds':>8s}  largest stages"]
+    for r in runs:
+        top = stages[stages.notebook == r.notebook].head(4)
+        parts = ", ".join(f"{row.stage} {row.seconds:.0f} s" for row in top.itertuples())
+        lines.append(f"{r.notebook:32s} {r.seconds:8.1f}  {parts}")
+    lines.append(f"{'total (wall, with HTML export)':32s} {wall:8.1f}")
+    log("\n".join(lines))
+
+
+def _run_one(book: Path, counter: str, out_dir: Path, parameters: dict, declared: set, kernel_name, html: bool,
+             log) -> NotebookRun:
+    """Execute one notebook with the parameters it declares, export it, and time it."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    target = out_dir / book.name
+    log(f"{counter} {book.name} ...")
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(book),
+            str(target),
+            parameters={k: v for k, v in parameters.items() if k in declared},
+            kernel_name=kernel_name,
+            progress_bar=False,
+            cwd=str(book.parent),
+        )
+    except PapermillExecutionError as err:
+        first_line = (err.source or "").strip().splitlines()[:1]
+        raise ChainError(
+            f"{book.name} failed in cell {err.cell_index} (execution count {err.exec_count}"
+            f"{': ' + first_line[0] if first_line else ''}): {err.ename}: {err.evalue}\n"
+            f"The executed notebook up to the failure is in {target}."
+        ) from None
+    seconds = time.perf_counter() - start
+    page = export_html(target) if html else None
+    log(f"{counter} {book.name} done in {seconds:.1f} s -> {target}")
+    return NotebookRun(book.name, seconds, target, page)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from dgq_utils.report.layer_names import unet_rank
+from dgq_utils.timing import stage
 from dgq_utils.report.prose import prompt_length
 
 __all__ = [
@@ -51,7 +52,8 @@ def save(fig, path: str | os.PathLike | None) -> Path | None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    with stage("figure", file=path.name):
+        fig.savefig(tmp, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     os.replace(tmp, path)
     return path
 

@@ -10,6 +10,7 @@ import torch
 
 from dgq_utils.atomic import atomic_save_npz
 from dgq_utils.evaluate.confidence import CI, bootstrap_statistic
+from dgq_utils.timing import timed_stage
 
 
 def _as_tensor(feats) -> torch.Tensor:
@@ -117,6 +118,7 @@ class FidReplicates:
         return float(diff @ diff + tr_g + self.tr_r - 2 * tr_cov)
 
 
+@timed_stage("bootstrap_fid")
 def fid_ci(features_gen, stats_ref: dict, *, n_boot: int = 100, seed: int = 0, level: float = 0.95,
            method: str = "shifted") -> CI:
     """FID (torch-fidelity) with a bootstrap CI over the generated images (reference statistics fixed)."""
@@ -143,6 +145,7 @@ def kid(features_gen, features_ref, *, subsets: int = 100, subset_size: int = 10
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
+@timed_stage("bootstrap_kid")
 def kid_ci(features_gen, features_ref, *, n_boot: int = 100, seed: int = 0, level: float = 0.95, subsets: int = 100,
            boot_subsets: int = 2, subset_size: int = 1000, method: str = "shifted") -> CI:
     """KID (torch-fidelity, ``subsets`` subsets) with a bootstrap CI over the generated images; each replicate
@@ -168,6 +171,7 @@ def inception_score(logits, *, splits: int = 10, seed: int = 2020) -> tuple[floa
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
 
 
+@timed_stage("bootstrap_isc")
 def isc_ci(logits, *, n_boot: int = 100, seed: int = 0, level: float = 0.95, splits: int = 10,
            method: str = "shifted") -> CI:
     f = np.asarray(logits)
