@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
+from filelock import FileLock
 
 from dgq_utils.atomic import (
     atomic_save_image,
@@ -155,8 +156,10 @@ class ImageCache:
         self.images = self.folder / "images"
         self.parts = self.folder / "manifest.parts"
         self.manifest_path = self.folder / "manifest.jsonl"
+        self.locks = self.folder / ".locks"  # one lock file per batch being made (see generate_images)
         self.images.mkdir(parents=True, exist_ok=True)
         self.parts.mkdir(exist_ok=True)
+        self.locks.mkdir(exist_ok=True)
         for d in (self.folder, self.images, self.parts):
             clean_stale_temp_files(d)
         meta_path = self.folder / "meta.json"
@@ -364,28 +367,62 @@ def generate_images(
     bar = tqdm(total=wanted_n, initial=wanted_n - len(todo), disable=not progress, unit="img",
                desc=f"generate {meta['recipe_name']}")
     try:
-        for start in range(0, len(todo), bs):
-            batch = todo[start:start + bs]
-            images = _run_batch(pipe, batch, settings)
-            records = []
-            for (idx, prompt, seed), img in zip(batch, images):
-                rel = f"images/{_file_name(idx, prompt, seed, ext)}"
-                data = atomic_save_image(img, cache.folder / rel)
-                rec = {**base, "prompt_index": idx, "prompt": prompt, "seed": seed,
-                       "image_seed": image_seed(idx, seed), "file": rel, "sha256": _sha256_bytes(data),
-                       "bytes": len(data)}
-                records.append(rec)
-                generated += 1
-                bar.update(1)
-                if on_image is not None:
-                    on_image(rec)
-            cache.write_part(records)
+        for batch in _aligned_batches(keys, todo, bs):
+            # another process sharing the cache (a notebook run beside this one, a sharded rank) may be making
+            # the same batch: one makes it, the other waits and then finds the images cached
+            with FileLock(str(cache.locks / f"batch-{prompt_key(repr(batch[0]))}.lock")):
+                n_planned = len(batch)
+                batch = _still_missing(cache, batch, verify, ext)
+                bar.update(n_planned - len(batch))
+                reused += n_planned - len(batch)
+                if not batch:
+                    continue
+                images = _run_batch(pipe, batch, settings)
+                records = []
+                for (idx, prompt, seed), img in zip(batch, images):
+                    rel = f"images/{_file_name(idx, prompt, seed, ext)}"
+                    data = atomic_save_image(img, cache.folder / rel)
+                    rec = {**base, "prompt_index": idx, "prompt": prompt, "seed": seed,
+                           "image_seed": image_seed(idx, seed), "file": rel, "sha256": _sha256_bytes(data),
+                           "bytes": len(data)}
+                    records.append(rec)
+                    generated += 1
+                    bar.update(1)
+                    if on_image is not None:
+                        on_image(rec)
+                cache.write_part(records)
     finally:
         bar.close()
     cache.consolidate()
     recs = cache.records()
     manifest = pd.DataFrame([recs[k] for k in keys], columns=MANIFEST_COLUMNS)
     return GenerationResult(cache.folder, manifest, generated, reused, repaired, meta)
+
+
+def _aligned_batches(keys: list[tuple], todo: list[tuple], bs: int) -> list[list[tuple]]:
+    """The missing items grouped by their position in the requested list: batch ``b`` holds the missing ones of
+    requested items ``b*bs .. b*bs+bs-1``. A batch is then the same whichever prefix of the list was generated
+    before, so processes sharing the cache agree on it (and can lock it)."""
+    pos = {key: i for i, key in enumerate(keys)}
+    groups: dict[int, list[tuple]] = {}
+    for item in todo:
+        idx, prompt, seed = item
+        groups.setdefault(pos[(idx, prompt_key(prompt), seed)] // bs, []).append(item)
+    return [groups[b] for b in sorted(groups)]
+
+
+def _still_missing(cache: "ImageCache", batch: list[tuple], verify: str, ext: str) -> list[tuple]:
+    """``batch`` minus the items made meanwhile by another process (their image file exists and its record is
+    valid); the records are re-read only when some image file appeared."""
+    if not any((cache.images / _file_name(*item, ext)).exists() for item in batch):
+        return batch
+    recs = cache.records()
+    out = []
+    for idx, prompt, seed in batch:
+        rec = recs.get((idx, prompt_key(prompt), seed))
+        if rec is None or not cache.is_valid(rec, verify):
+            out.append((idx, prompt, seed))
+    return out
 
 
 def _plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices):

@@ -14,6 +14,8 @@ everything that shapes the state:
 
 :func:`dgq_utils.evaluate.compare.run_comparison` (and so the paper protocol and notebooks 04-06) quantize through
 a :class:`StateCache`; share one folder between them and every calibration is computed and written once.
+Processes sharing the folder (notebooks run side by side by the chain, sharded ranks) take a lock file
+(``<state>.safetensors.lock``, :mod:`filelock`) per state: the first calibrates it, the others wait and load it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
+
+from filelock import FileLock
 
 from dgq_utils.config import QuantRecipe, SamplerSettings, get_preset, recipe_hash
 from dgq_utils.keys import stable_hash
@@ -88,20 +92,23 @@ class StateCache:
         """
         sampler = (sampler or SamplerSettings()).resolved(pipe)
         path = self.path(pipe, recipe, calibration_prompts, sampler, seed=seed, model_id=model_id)
-        if path.is_file():
-            try:
-                load_quant_state(pipe, path, **{k: v for k, v in self.options.items()
-                                                if k == "on_timestep_mismatch"})
-                self.hits.append(path.name)
-                return path
-            except Exception as e:  # noqa: BLE001 - a corrupt / stale cache entry is recalibrated, not fatal
-                warnings.warn(f"could not load calibrated state {path} ({e}); recalibrating")
-                if is_quantized(pipe):
-                    dequantize_pipeline(pipe)
-                path.unlink(missing_ok=True)
-        quantize_pipeline(pipe, _recipe(recipe), list(calibration_prompts), sampler, seed, progress=progress,
-                          **self.options)
-        save_quant_state(pipe, path)  # atomic: an interrupted run leaves no half-written state
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # one process calibrates a state, the others wait and load it (notebooks run side by side, sharded ranks)
+        with FileLock(str(path) + ".lock"):
+            if path.is_file():
+                try:
+                    load_quant_state(pipe, path, **{k: v for k, v in self.options.items()
+                                                    if k == "on_timestep_mismatch"})
+                    self.hits.append(path.name)
+                    return path
+                except Exception as e:  # noqa: BLE001 - a corrupt / stale cache entry is recalibrated, not fatal
+                    warnings.warn(f"could not load calibrated state {path} ({e}); recalibrating")
+                    if is_quantized(pipe):
+                        dequantize_pipeline(pipe)
+                    path.unlink(missing_ok=True)
+            quantize_pipeline(pipe, _recipe(recipe), list(calibration_prompts), sampler, seed, progress=progress,
+                              **self.options)
+            save_quant_state(pipe, path)  # atomic: an interrupted run leaves no half-written state
         self.calibrated.append(path.name)
         return path
 

@@ -14,6 +14,7 @@ from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace
 from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
 from dgq_utils.model.attention import ProbQuantizer
 from dgq_utils.report.layer_names import short_name, unet_rank
+from dgq_utils.timing import timed_stage
 
 __all__ = [
     "AttentionCapture",
@@ -71,6 +72,7 @@ class AttentionCapture:
         return [n for n, k in self.kinds.items() if kind is None or k == kind]
 
 
+@timed_stage("capture_attention")
 @takes_sampler
 @torch.no_grad()
 def capture_attention(
@@ -178,6 +180,7 @@ def _prob_quant(p: torch.Tensor, quantizer: str, bits: int, scale: str, keep_sta
     return pq.quantize(p)
 
 
+@timed_stage("prob_error_table")
 def prob_error_table(cap: AttentionCapture, *, bits: Sequence[int] = (4, 6, 8),
                      quantizers: Sequence[str] = ("uniform", "log2"),
                      scales: Sequence[str] = ("per_prompt", "batch")) -> pd.DataFrame:

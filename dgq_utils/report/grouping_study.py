@@ -27,6 +27,7 @@ from dgq_utils.report.layer_names import (
     unet_rank,
 )
 from dgq_utils.report.outliers import stats_rows
+from dgq_utils.timing import timed_stage
 
 __all__ = [
     "axis_decision_table",
@@ -81,6 +82,7 @@ def decision_summary(decisions: pd.DataFrame, rules: Sequence[str] = RULES) -> p
     return out.reset_index()
 
 
+@timed_stage("group_error_sweep")
 @takes_sampler
 @torch.no_grad()
 def group_error_sweep(

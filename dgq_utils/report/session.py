@@ -28,6 +28,7 @@ from dgq_utils.evaluate.config import BootstrapConfig, EvaluationSet, MetricsCon
 from dgq_utils.quantize.cache import StateCache
 from dgq_utils.report.context import ModelContext, open_model
 from dgq_utils.report.folders import output_dirs, write_table
+from dgq_utils.timing import stage
 
 __all__ = [
     "SetupConfig",
@@ -117,7 +118,8 @@ class Session:
     # ---------------------------------------------------------------------------------------------- compute
     def activation_stats(self, prompts: Sequence[str], **kwargs: Any):
         """:func:`dgq_utils.calibrate.observe.collect_activation_stats` on the FP pipeline with this sampler/seed."""
-        return collect_activation_stats(self.ctx.pipe, prompts, self.sampler, self.seed, **kwargs)
+        with stage("statistics", n=len(prompts)):
+            return collect_activation_stats(self.ctx.pipe, prompts, self.sampler, self.seed, **kwargs)
 
     def bootstrap(self, **kwargs: Any) -> BootstrapConfig:
         """A :class:`BootstrapConfig` seeded with this run's seed."""
