@@ -49,6 +49,7 @@ import time
 
 import torch
 
+from dgq_utils.calibrate import observation_memo
 from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace
 from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
 from dgq_utils.config.validation import check_prompts, check_seed
@@ -154,14 +155,21 @@ def calibrate(
             _set_all_modes(qstate, "off")
 
         controller.callback = official_passes
-    try:
-        with stage("observe", recipe=recipe.name, n=len(prompts)), \
-                Trace(pipe, sampler, seed, controller=controller, progress=progress,
-                      desc=f"calibrating {recipe.name}") as trace:
-            trace.run(prompts)
-    finally:
-        controller.callback = None
+    memo_key = observation_memo.observation_key(pipe, qstate, prompts, sampler, seed)
+    seen = observation_memo.lookup(memo_key)
+    if seen is not None:  # the same observation was made for another recipe in this process: reuse it
         _set_all_modes(qstate, "off")
+        observation_memo.restore(seen, qstate)
+    else:
+        try:
+            with stage("observe", recipe=recipe.name, n=len(prompts)), \
+                    Trace(pipe, sampler, seed, controller=controller, progress=progress,
+                          desc=f"calibrating {recipe.name}") as trace:
+                trace.run(prompts)
+        finally:
+            controller.callback = None
+            _set_all_modes(qstate, "off")
+        observation_memo.remember(memo_key, qstate)
     controller.finish_calibration()
     t_passes = time.perf_counter()
 
@@ -201,6 +209,7 @@ def calibrate(
         "upstream": upstream,
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_passes": round(t_passes - t0, 3),
+        "observation_reused": seen is not None,
         "seconds_finalize": round(time.perf_counter() - t_passes, 3),
         "notes": list(notes),
     }

@@ -69,6 +69,53 @@ def clear_memo() -> None:
     _memo.clear()
 
 
+# -- a folder that keeps the fits across processes -----------------------------------------------------------------
+_store: dict = {"folder": None, "loaded": set()}
+
+
+def set_store(folder: str | os.PathLike | None) -> None:
+    """Keep every new fit of :func:`kmeans_many` in ``folder`` too (``None``: memory only), and answer from the
+    fits stored there by earlier processes: notebooks 04 and 06 of the report fit the same groups (same
+    statistics, K and seed give the same labels), and 06 runs in another process. One ``.npz`` file per call
+    that made new fits, written atomically; a damaged file is ignored (its fits are simply made again)."""
+    _store["folder"] = None if folder is None else os.fspath(folder)
+    _store["loaded"] = set()
+
+
+def _load_store() -> None:
+    folder = _store["folder"]
+    if folder is None or not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".npz") or name in _store["loaded"]:
+            continue
+        try:
+            with np.load(os.path.join(folder, name)) as z:
+                keys, sizes, flat = z["keys"], z["sizes"], z["labels"]
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            for i, key in enumerate(keys):
+                _memo.setdefault(bytes(key), flat[offsets[i]:offsets[i + 1]].astype(np.int64))
+        except Exception:  # noqa: BLE001 - a damaged or half-copied file: its fits are made again
+            continue
+        _store["loaded"].add(name)
+
+
+def _save_store(fits: dict[bytes, np.ndarray]) -> None:
+    folder = _store["folder"]
+    if folder is None or not fits:
+        return
+    os.makedirs(folder, exist_ok=True)
+    keys = list(fits)
+    h = hashlib.blake2b(b"".join(keys), digest_size=16).hexdigest()
+    name = f"{h}.npz"
+    labels = [fits[k] for k in keys]
+    tmp = os.path.join(folder, f".{h}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, keys=np.array(keys, dtype="S20"), sizes=np.array([len(x) for x in labels], dtype=np.int64),
+             labels=np.concatenate(labels).astype(np.int16) if labels else np.zeros(0, np.int16))
+    os.replace(tmp, os.path.join(folder, name))
+    _store["loaded"].add(name)
+
+
 #: idle worker processes exit after this many seconds (loky's default is 300: minutes of stray processes)
 WORKER_IDLE_TIMEOUT = 10
 #: how often a worker checks that the process that started it is still alive
@@ -117,9 +164,11 @@ def _run_in_workers(chunks: list, workers: int) -> list:
 
 def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
                 min_parallel: int = 64) -> list[np.ndarray]:
-    """:func:`kmeans_ids` for every ``(points, k, seed)``, in order. Inputs seen before come from the memo;
-    the others run in ``n_jobs`` loky worker processes when there are at least ``min_parallel`` of them."""
+    """:func:`kmeans_ids` for every ``(points, k, seed)``, in order. Inputs seen before come from the memo (and
+    the folder of :func:`set_store`, if set); the others run in ``n_jobs`` loky worker processes when there are at least ``min_parallel`` of them."""
     keys = [_key(p, k, s) for p, k, s in jobs]
+    if any(key not in _memo for key in keys):
+        _load_store()
     out: list[np.ndarray | None] = [None] * len(jobs)
     new: dict[bytes, list[int]] = {}
     for i, key in enumerate(keys):
@@ -141,6 +190,7 @@ def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
         _memo[key] = ids
         for i in idx:
             out[i] = ids.copy()
+    _save_store({key: _memo[key] for key in new})
     while len(_memo) > MEMO_SIZE:
         _memo.popitem(last=False)
     return out  # type: ignore[return-value]

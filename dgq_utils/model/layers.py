@@ -110,6 +110,11 @@ class ActQuantizer(nn.Module):
         self._ema_momentum = float(ema_momentum)
         self._percentiles = tuple(percentiles)
 
+    @property
+    def observe_settings(self) -> tuple:
+        """What ``"observe"`` records, as set by :meth:`set_observe`: ``(axes, ema_momentum, percentiles)``."""
+        return self._observe_axes, self._ema_momentum, self._percentiles
+
     def clear_stats(self) -> None:
         self.stats = {}
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from dgq_utils.calibrate.observe import collect_activation_stats
 from dgq_utils.config import SamplerSettings
+from dgq_utils.core import kmeans
 from dgq_utils.evaluate.compare import run_comparison
 from dgq_utils.evaluate.config import BootstrapConfig, EvaluationSet, MetricsConfig, Workspace
 from dgq_utils.quantize.cache import StateCache
@@ -158,6 +159,8 @@ def setup(parameters: SetupConfig | Mapping[str, Any], **overrides: Any) -> Sess
     ctx = open_model(config.model_id, device=config.device, threads=config.threads,
                      work_root=None if config.work_dir is None else os.fspath(config.work_dir))
     figures, results = output_dirs(config.save_to, quick=config.quick, kind=ctx.kind)
+    # K-means fits kept beside the other caches: 06 fits the groups 04 fitted (same statistics), in another process
+    kmeans.set_store(ctx.work_dir("kmeans"))
     prompts = ctx.prompts(config.n_prompts, seed=config.seed) if config.n_prompts else []
     calibration = (ctx.calibration_prompts(config.n_calibration, exclude=prompts, seed=config.seed)
                    if config.n_calibration else [])
