@@ -287,13 +287,15 @@ def _launch(inputs: Path, out: Path, nproc: int, *extra: str) -> subprocess.Comp
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
-def _images(out: Path) -> dict:
-    """{recipe/file: sha256} over every recipe's manifest (consolidated + parts), as the ranks log them."""
+def _images(out: Path, complete: bool = True) -> dict:
+    """{recipe/file: sha256} over every recipe's manifest (consolidated + parts), as the ranks log them; for a
+    ``complete`` run, also that no image file lacks its record."""
     found = {}
     for folder in sorted(p for p in (out / "images").iterdir() if p.is_dir()):
         man = load_manifest(folder)
         found.update({f"{r}/{f}": s for r, f, s in zip(man["recipe_name"], man["file"], man["sha256"])})
-    assert len(found) == len(list((out / "images").rglob("*.png")))  # no stray or duplicated files
+    if complete:
+        assert len(found) == len(list((out / "images").rglob("*.png")))  # no stray or duplicated files
     return found
 
 
@@ -330,7 +332,9 @@ def test_a_killed_rank_resumes_with_nothing_lost_or_duplicated(inputs, one_proce
     killed = _launch(inputs, tmp_path, 2, "--die-after", "3")
     assert killed.returncode != 0
     assert not (tmp_path / "table2.csv").exists()  # no metrics on partial images
-    before = set(_images(tmp_path))
+    # images with a manifest record survive the kill; a file written just before it but not yet recorded is
+    # made again (the runner cannot know it is complete)
+    before = set(_images(tmp_path, complete=False))
     assert 0 < len(before) < len(_images(one_process))
     r = _launch(inputs, tmp_path, 2)
     assert r.returncode == 0, r.stderr[-3000:]
