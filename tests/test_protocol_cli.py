@@ -189,6 +189,7 @@ def test_the_paper_numbers_have_one_copy():
     pd.testing.assert_frame_equal(PAPER_TABLE2, sd[PAPER_TABLE2.columns].astype({"k": "float64"}))
     assert "PAPER_TABLE2 = pd.DataFrame(" not in (ROOT / "dgq_utils/report/comparison.py").read_text()
     assert PAPER_TABLE2_FILE.parent.name == "protocol"
+    assert '"dgq_utils.protocol" = ["*.csv"]' in (ROOT / "pyproject.toml").read_text()  # shipped in the wheel
 
 
 def _results(rows):
