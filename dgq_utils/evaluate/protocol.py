@@ -174,6 +174,26 @@ def calibration_captions(eval_captions: Sequence[str], *, source: str | os.PathL
     return list(cand.sample(n, random_state=seed))
 
 
+def paper_evaluation_set(files: ProtocolFiles, protocol: ProtocolConfig | None = None, *,
+                         calibrate: bool = True) -> EvaluationSet:
+    """The protocol's prompts (the first ``n_images`` captions of ``files.coco_captions``), seed and, when
+    ``calibrate``, its ``n_calibration`` calibration captions: what :func:`run_paper_protocol` evaluates (the
+    sharded command generates exactly these images before it runs)."""
+    V.check_instance(files, "files", ProtocolFiles, fix="pass ProtocolFiles(coco_captions, reference_stats, ...).")
+    V.check_instance(protocol, "protocol", ProtocolConfig, allow_none=True, fix="pass ProtocolConfig(...).")
+    protocol = protocol or ProtocolConfig()
+    n_images, seed = int(protocol.n_images), int(protocol.seed)
+    caps = read_captions(files.coco_captions)
+    if len(caps) < n_images:
+        raise ValueError(f"{files.coco_captions} has {len(caps)} captions, fewer than n_images={n_images}")
+    prompts = list(caps["caption"].iloc[:n_images])
+    calib: list[str] = []
+    if calibrate:
+        calib = calibration_captions(prompts, source=files.calibration_captions,
+                                     pool=list(caps["caption"].iloc[n_images:]), n=protocol.n_calibration, seed=seed)
+    return EvaluationSet(prompts, calib, [seed])
+
+
 def run_paper_protocol(
     files: ProtocolFiles,
     out_dir: str | os.PathLike,
@@ -187,7 +207,9 @@ def run_paper_protocol(
     feature_extractor: str = M.INCEPTION,
     clip_scorer: M.ClipScorer | None = None,
     states: StateCache | None = None,
+    model_id: str | None = None,
     progress: bool = True,
+    title: str = "Paper protocol (SD v1.4, MS-COCO)",
 ) -> ComparisonResult:
     """Run the paper's SD v1.4 MS-COCO protocol for FP and ``recipes``; returns the results tables.
 
@@ -206,6 +228,8 @@ def run_paper_protocol(
         feature_extractor, clip_scorer: override the Inception extractor / open_clip scorer (tests use stand-ins).
         states: the calibrated-state cache (default: on ``out_dir/quant_states``); pass the notebooks' shared one
             to calibrate each recipe once.
+        model_id: the model's identity in the cache keys (default: from the FP pipeline).
+        title: the results tables' title.
     """
     V.check_instance(files, "files", ProtocolFiles, fix="pass ProtocolFiles(coco_captions, reference_stats, ...).")
     V.check_instance(protocol, "protocol", ProtocolConfig, allow_none=True, fix="pass ProtocolConfig(...).")
@@ -222,15 +246,9 @@ def run_paper_protocol(
     M.resolve_weights(feature_extractor, files.inception_weights)  # idem
     if clip_scorer is None:
         clip_scorer = M.ClipScorer.from_open_clip(files.clip_model, files.clip_weights, device=device)
-    caps = read_captions(files.coco_captions)
-    if len(caps) < n_images:
-        raise ValueError(f"{files.coco_captions} has {len(caps)} captions, fewer than n_images={n_images}")
-    prompts = list(caps["caption"].iloc[:n_images])
     recipes = list(recipes)
-    calib: list[str] = []
-    if recipes:
-        calib = calibration_captions(prompts, source=files.calibration_captions,
-                                     pool=list(caps["caption"].iloc[n_images:]), n=protocol.n_calibration, seed=seed)
+    data = paper_evaluation_set(files, protocol, calibrate=bool(recipes))
+    calib = list(data.calibration)
     if pipe_factory is None:
         if files.model_path is None:
             raise ValueError("ProtocolFiles.model_path is required (a local SD v1.4 diffusers folder) unless "
@@ -251,12 +269,11 @@ def run_paper_protocol(
         "guidance": sampler.guidance_scale, "height": sampler.height, "width": sampler.width,
         "batch_size": sampler.batch_size, "image_format": sampler.image_format,
         "n_calibration": len(calib), "feature_extractor": feature_extractor, "clip_scorer": clip_scorer.name,
-        "reference_dim": int(ref_stats["mu"].size), "quirks": QUIRKS,
+        "reference_dim": int(ref_stats["mu"].size), "title": title, "quirks": QUIRKS,
     })
     cfg = MetricsConfig(metrics, reference=Reference(stats=ref_stats, name=stats_path.name),
                         extractor=feature_extractor, extractor_weights=files.inception_weights,
                         resize=protocol.resize, clip_scorer=clip_scorer, clip_first_n=n_clip,
                         device=device if device in ("cpu", "cuda") else "cpu")
-    return run_comparison(pipe_factory, recipes, EvaluationSet(prompts, calib, [seed]),
-                          Workspace(out_dir, states=states), sampler=sampler, metrics=cfg, bootstrap=bootstrap,
-                          progress=progress, title="Paper protocol (SD v1.4, MS-COCO)")
+    return run_comparison(pipe_factory, recipes, data, Workspace(out_dir, states=states), sampler=sampler,
+                          metrics=cfg, bootstrap=bootstrap, model_id=model_id, progress=progress, title=title)

@@ -106,7 +106,9 @@ def model_family(pipe_or_path) -> str:
     cls = type(pipe).__name__
     if cls not in SUPPORTED_PIPELINES:
         raise UnsupportedPipeline(f"a {cls} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}.")
-    return _family_from_configs(cls, dict(pipe.unet.config), dict(pipe.scheduler.config))
+    # a scheduler built in code has no "_class_name" in its config (only a loaded one has): use its class
+    scheduler_config = {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
+    return _family_from_configs(cls, dict(pipe.unet.config), scheduler_config)
 
 
 def _offline_message(model_id: str) -> str:

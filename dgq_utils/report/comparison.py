@@ -35,6 +35,7 @@ from dgq_utils.evaluate import metrics as M
 from dgq_utils.evaluate.confidence import paired_difference
 from dgq_utils.evaluate.config import MetricsConfig
 from dgq_utils.evaluate.results import report_view
+from dgq_utils.protocol.paper import paper_table2
 from dgq_utils.report.context import ModelContext
 from dgq_utils.world.comparison import embedded_metrics
 
@@ -161,25 +162,10 @@ def ci_halfwidths(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # The paper's Table 2, SD v1.4 on MS-COCO (IS, FID, CLIP) and PartiPrompts CLIP, read from the project page image
-# (see shared/dgq-official-code.md section 7; "Q-Diff"/"TFMQ" are the paper's per-tensor baselines).
-PAPER_TABLE2 = pd.DataFrame(
-    [
-        ("W32A32", "FP", None, 36.52, 14.44, 0.298, 0.293),
-        ("W8A8", "Q-Diff", None, 27.65, 26.12, 0.273, 0.275),
-        ("W8A8", "TFMQ", None, 32.79, 18.85, 0.286, 0.286),
-        ("W8A8", "DGQ", 8, 35.38, 13.26, 0.297, 0.292),
-        ("W8A8", "DGQ", 16, 35.22, 13.15, 0.297, 0.292),
-        ("W8A6", "Q-Diff", None, 4.12, 221.76, 0.080, 0.120),
-        ("W8A6", "TFMQ", None, 6.57, 175.16, 0.146, 0.178),
-        ("W8A6", "DGQ", 8, 22.65, 37.76, 0.268, 0.277),
-        ("W8A6", "DGQ", 16, 24.77, 31.36, 0.273, 0.279),
-        ("W4A8", "Q-Diff", None, 26.52, 28.06, 0.269, 0.271),
-        ("W4A8", "TFMQ", None, 30.85, 19.98, 0.281, 0.281),
-        ("W4A8", "DGQ", 8, 33.91, 13.28, 0.294, 0.289),
-        ("W4A8", "DGQ", 16, 33.56, 13.74, 0.294, 0.288),
-    ],
-    columns=["bits", "method", "k", "is", "fid", "clip_score", "parti_clip"],
-)
+# (see shared/dgq-official-code.md section 7; "Q-Diff"/"TFMQ" are the paper's per-tensor baselines). The numbers
+# live in one file, dgq_utils/protocol/paper_table2.csv, which the protocol command reads too.
+PAPER_TABLE2 = paper_table2("sd-v1.4")[["bits", "method", "k", "is", "fid", "clip_score", "parti_clip"]].astype(
+    {"k": "float64"})
 
 
 def paper_comparison(table: pd.DataFrame, *, metrics: Sequence[str] = ("fid", "clip_score"),
