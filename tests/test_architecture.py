@@ -31,7 +31,7 @@ module_graph = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(module_graph)
 
 FLOORS = {
-    "(root)": 0, "paths": 0, "atomic": 0, "keys": 0,
+    "(root)": 0, "paths": 0, "atomic": 0, "keys": 0, "timing": 0,
     "core": 1,
     "config": 2, "kernels": 2,
     "model": 3,

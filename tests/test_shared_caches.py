@@ -11,17 +11,25 @@ PROMPTS = ["a red car parked in the city", "a blue house near a river", "a horse
 S = SamplerSettings(num_inference_steps=2, batch_size=2, height=32, width=32)
 
 
-def _generate(root, prompts, out):
+def _generate(root, prompts, threads, out):
+    import torch
+
     from dgq_utils.generate.images import generate_images
     from dgq_utils.testing.tiny import build_tiny_pipeline
+
+    torch.set_num_threads(threads)  # the parent's: CPU results may depend on the thread count
 
     res = generate_images(build_tiny_pipeline(seed=0), prompts, (0,), root, settings=S, progress=False)
     out.put((res.generated, list(res.manifest["sha256"])))
 
 
 def _calibrate(state_dir, out):
+    import torch
+
     from dgq_utils.quantize.cache import StateCache
     from dgq_utils.testing.tiny import build_tiny_pipeline
+
+    torch.set_num_threads(1)
 
     cache = StateCache(state_dir)
     path = cache.quantize(build_tiny_pipeline(seed=0), "dgq-w8a8", PROMPTS[:2], S, progress=False)
@@ -46,8 +54,11 @@ def test_two_processes_make_each_image_once_and_agree_with_one_process(tmp_path)
     from dgq_utils.testing.tiny import build_tiny_pipeline
 
     # one process wants all six prompts, the other the first four (a prefix, like notebooks 05 and 06)
-    (gen_a, sha_a), (gen_b, sha_b) = _run_two(_generate, (tmp_path / "shared", PROMPTS),
-                                              (tmp_path / "shared", PROMPTS[:4]))
+    import torch
+
+    threads = torch.get_num_threads()
+    (gen_a, sha_a), (gen_b, sha_b) = _run_two(_generate, (tmp_path / "shared", PROMPTS, threads),
+                                              (tmp_path / "shared", PROMPTS[:4], threads))
     made = gen_a + gen_b
     assert made == len(PROMPTS), f"{made} images made for {len(PROMPTS)} wanted: some were made twice"
     clean = generate_images(build_tiny_pipeline(seed=0), PROMPTS, (0,), tmp_path / "clean", settings=S,

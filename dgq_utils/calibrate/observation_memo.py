@@ -45,8 +45,11 @@ class Observation:
 
 
 def _weights_hash(pipe) -> str | None:
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):  # not a diffusers pipeline: nothing to key the model by
+        return None
     h = hashlib.blake2b(digest_size=16)
-    for comp_name in sorted(pipe.components):
+    for comp_name in sorted(components):
         comp = pipe.components[comp_name]
         if not isinstance(comp, torch.nn.Module):
             continue
