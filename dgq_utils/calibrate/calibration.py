@@ -386,5 +386,8 @@ def finalize_prob_quantizer(pq, upstream: str = "fp") -> None:
     if pq.scale_mode != "static":
         return
     if upstream == "fp" or not pq.static:
-        pq.static = {i: torch.tensor(float(m)) for i, m in sorted(pq.observed_max.items())}
+        items = sorted(pq.observed_max.items())  # 0-d device tensors: to the host in one copy
+        values = torch.stack([m.reshape(()).float().to(items[0][1].device) for _, m in items]).cpu().tolist() \
+            if items else []
+        pq.static = {i: torch.tensor(float(v)) for (i, _), v in zip(items, values)}
     pq.observed_max = {}
