@@ -64,6 +64,7 @@ from dgq_utils.core.grouping import (
     params_view,
     per_index_qparams,
     per_index_qparams_many,
+    prestart_kmeans_workers,
 )
 from dgq_utils.core.quantizers import uniform_qparams
 from dgq_utils.core.stats import axes_for, stats_to_host
@@ -158,10 +159,18 @@ def calibrate(
             _set_all_modes(qstate, "off")
 
         controller.callback = official_passes
+    warm = None
+    if act_cfg is not None and act_cfg.granularity == "group":
+        fits = len(act_quantizers) * (int(num_inference_steps) + 1)  # about one fit per quantizer and UNet call
+
+        def warm(_batch=None):  # K-means workers started while the GPU observes (and kept from their idle exit)
+            prestart_kmeans_workers(fits, act_cfg.grouping)
+
+        warm()
     try:
         with Trace(pipe, sampler, seed, controller=controller, progress=progress,
                    desc=f"calibrating {recipe.name}") as trace:
-            trace.run(prompts)
+            trace.run(prompts, on_batch=warm)
     finally:
         controller.callback = None
         _set_all_modes(qstate, "off")

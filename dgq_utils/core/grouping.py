@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dgq_utils.core.kmeans import kmeans_ids, kmeans_many
+from dgq_utils.core.kmeans import kmeans_ids, kmeans_many, prestart_workers
 from dgq_utils.core.quantizers import check_bits, fake_quant_uniform, uniform_qparams
 from dgq_utils.core.registry import Registry
 
@@ -67,6 +67,7 @@ __all__ = [
     "decide_axis",
     "assign_groups",
     "assign_groups_many",
+    "prestart_kmeans_workers",
     "group_ranges",
     "group_qparams",
     "per_index_qparams",
@@ -373,6 +374,19 @@ def kmeans_workers(n_jobs: int | None = None) -> int:
     if isinstance(n_jobs, bool) or int(n_jobs) < 1:
         raise ValueError(f"n_jobs must be >= 1; got {n_jobs!r}.")
     return int(n_jobs)
+
+
+def prestart_kmeans_workers(expected_fits: int, method: str = "kmeans", n_jobs: int | None = None) -> bool:
+    """Start (or keep alive) the worker processes a later :func:`assign_groups_many` of about ``expected_fits``
+    K-means fits will use, without waiting (calibration calls it while the GPU runs its passes, so the fits do
+    not wait for the workers to start and import scikit-learn). Returns whether workers were started."""
+    if method != "kmeans" or expected_fits < PARALLEL_MIN_FITS:
+        return False
+    workers = min(kmeans_workers(n_jobs), max(1, int(expected_fits) // 16))
+    if workers <= 1:
+        return False
+    prestart_workers(workers)
+    return True
 
 
 def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kmeans", seed: int = 0,
