@@ -261,12 +261,17 @@ class ProbQuantizer(nn.Module):
     def static_max(self, device: torch.device) -> Tensor:
         """The calibrated 0-d maximum of the current timestep set, on ``device`` (moved there once).
 
-        Under ``torch.compile`` the maxima of all sets are one ``(S,)`` tensor (stacked by an eager call) gathered
-        with the state's device set index, so the graph does not specialise on the set (no recompiles)."""
-        if torch.compiler.is_compiling():
+        Under ``torch.compile`` and CUDA-graph capture the maxima of all sets are one ``(S,)`` tensor (stacked by an
+        eager call) gathered with the state's device set index, so the graph does not specialise on the set (no
+        recompiles; a captured graph replays correctly for every timestep)."""
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or capturing:  # a graph serves every set: gather by the device index
             stack = self._static_stack
             if stack is not None and stack.device == device:
                 return stack.index_select(0, self.state.index_tensor(device).reshape(1).long()).reshape(())
+            if capturing:
+                raise RuntimeError(f"{self.name}: the static softmax scales are not stacked on {device} (run one "
+                                   "eager call before capturing a CUDA graph).")
         else:
             key = (id(self.static), len(self.static), device)
             if self._static_key != key and self.static and sorted(self.static) == list(range(len(self.static))):
