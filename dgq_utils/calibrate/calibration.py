@@ -178,7 +178,8 @@ def calibrate(
     t_passes = time.perf_counter()
 
     notes = CalibrationNotes()
-    grouped, clamped = finalize_act_quantizers(act_quantizers, act_cfg, notes=notes)
+    timings: dict = {}
+    grouped, clamped = finalize_act_quantizers(act_quantizers, act_cfg, notes=notes, timings=timings)
     if act_cfg is not None and act_cfg.granularity == "group" and grouped and clamped == grouped:
         raise ValueError(
             f"num_groups={act_cfg.num_groups} is larger than the axis size of every grouped activation "
@@ -214,6 +215,7 @@ def calibrate(
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_passes": round(t_passes - t0, 3),
         "seconds_finalize": round(time.perf_counter() - t_passes, 3),
+        "seconds_groups": timings.get("seconds_groups", 0.0),
         "notes": list(notes),
     }
 
@@ -257,8 +259,8 @@ def finalize_act_quantizer(q: ActQuantizer, cfg, *, notes: list | None = None) -
     return finalize_act_quantizers([q], cfg, notes=notes)
 
 
-def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
-                            n_jobs: int | None = None) -> tuple[int, int]:
+def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None, n_jobs: int | None = None,
+                            timings: dict | None = None) -> tuple[int, int]:
     """Set ``params`` of every quantizer for every set it observed; returns (#grouped sets, #clamped sets).
 
     Batched per quantizer, with no per-set host work beyond the K-means fits: the statistics come to the host in
@@ -267,7 +269,8 @@ def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
     :func:`~dgq_utils.core.grouping.assign_groups_many` call (K-means in parallel worker processes) and each
     quantizer's per-index parameters in one :func:`~dgq_utils.core.grouping.per_index_qparams_many` call per
     axis. The same float32 operations as one set at a time (:func:`finalize_act_quantizer_reference`), so the
-    same parameters bit for bit; sets are installed in set order.
+    same parameters bit for bit; sets are installed in set order. ``timings`` (a dict, optional) receives
+    ``seconds_groups`` (the grouping call, K-means fits) and ``fits`` (grouped sets).
     """
     grouped = clamped = 0
     quantizers = list(quantizers)
@@ -317,8 +320,12 @@ def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
             if k < k_req:
                 clamped += len(members)
             plans.append((qi, axis, members, k, k_req))
+    t_groups = time.perf_counter()
     all_ids = assign_groups_many([(m[2], k) for _, _, members, k, _ in plans for m in members],
                                  method=cfg.grouping, seed=cfg.seed, n_jobs=n_jobs)
+    if timings is not None:
+        timings["seconds_groups"] = round(time.perf_counter() - t_groups, 3)
+        timings["fits"] = grouped
     pos = 0
     for qi, axis, members, k, k_req in plans:
         q = quantizers[qi]
