@@ -55,6 +55,7 @@ _API = {
     "save_quant_state": "dgq_utils.quantize.state",
     "load_quant_state": "dgq_utils.quantize.state",
     "StateCache": "dgq_utils.quantize.cache",
+    "CUDAGraphUNet": "dgq_utils.quantize.graphs",
     # generate
     "generate_images": "dgq_utils.generate.images",
     "GenerationResult": "dgq_utils.generate.images",

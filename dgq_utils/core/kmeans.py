@@ -4,7 +4,15 @@ This module imports only numpy and scikit-learn (no torch), so the worker proces
 :func:`kmeans_many` starts are cheap to spawn. :func:`dgq_utils.core.grouping.assign_groups` and
 :func:`~dgq_utils.core.grouping.assign_groups_many` are the entry points that take activation statistics.
 Worker processes end with the process that started them (killed or interrupted) and exit after
-:data:`WORKER_IDLE_TIMEOUT` idle seconds.
+:data:`WORKER_IDLE_TIMEOUT` idle seconds; :func:`prestart_workers` starts them ahead of time (calibration does
+while the GPU runs its passes), so a later :func:`kmeans_many` does not wait for their start and imports.
+
+Threads: every fit runs with **one OpenMP thread** (in the workers and in-process). scikit-learn's Lloyd iterations
+sum each cluster's points in per-thread buffers and add the buffers up in whatever order the threads finish, so
+with several threads the centres (and, at a near-tie, a label) can differ from run to run; one thread gives the
+single-threaded result every time -- the same labels as ``OMP_NUM_THREADS=1`` -- and, with one fit per core in
+the worker processes, no oversubscription (16 workers x 16 OpenMP threads spinning on 16 cores made every fit
+several times slower).
 """
 from __future__ import annotations
 
@@ -57,6 +65,19 @@ def kmeans_ids(points: np.ndarray, k: int, seed: int) -> np.ndarray:
 def kmeans_chunk(chunk: Sequence[tuple[np.ndarray, int, int]]) -> list[np.ndarray]:
     """:func:`kmeans_ids` of every ``(points, k, seed)`` of ``chunk`` (the unit of work of one worker call)."""
     return [kmeans_ids(points, k, seed) for points, k, seed in chunk]
+
+
+def _load_sklearn() -> None:
+    """Import scikit-learn's K-means (and so its OpenMP runtime): thread limits apply to loaded libraries only."""
+    import sklearn.cluster  # noqa: F401
+
+
+def single_threaded():
+    """A context manager limiting the loaded OpenMP and BLAS runtimes to one thread (scikit-learn loaded first)."""
+    from threadpoolctl import threadpool_limits
+
+    _load_sklearn()
+    return threadpool_limits(limits=1)
 
 
 def _key(points: np.ndarray, k: int, seed: int) -> bytes:
@@ -148,13 +169,39 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="dgq-exit-with-parent", daemon=True).start()
 
 
+def _worker_init(parent_pid: int) -> None:
+    """Worker initializer: end with the parent (:func:`_exit_with_parent`); import scikit-learn now and keep
+    every fit of this worker on one thread (see the module docstring)."""
+    _exit_with_parent(parent_pid)
+    single_threaded()  # not restored: the limit holds for the worker's life
+
+
+def _warm() -> int:
+    return os.getpid()
+
+
+def _executor(workers: int):
+    from joblib.externals.loky import get_reusable_executor
+
+    return get_reusable_executor(max_workers=workers, timeout=WORKER_IDLE_TIMEOUT,
+                                 initializer=_worker_init, initargs=(os.getpid(),))
+
+
+def prestart_workers(n_jobs: int) -> None:
+    """Start ``n_jobs`` worker processes now (scikit-learn imported in each), without waiting for them; calling it
+    again keeps them from their idle exit. No-op for ``n_jobs <= 1``. A later :func:`kmeans_many` with as many
+    workers reuses them."""
+    if int(n_jobs) <= 1:
+        return
+    executor = _executor(int(n_jobs))
+    for _ in range(int(n_jobs)):
+        executor.submit(_warm)
+
+
 def _run_in_workers(chunks: list, workers: int) -> list:
     """``kmeans_chunk`` of every chunk in loky worker processes that end with this process (see
     :func:`_exit_with_parent`); an interrupt (KeyboardInterrupt, any error) kills the workers before re-raising."""
-    from joblib.externals.loky import get_reusable_executor
-
-    executor = get_reusable_executor(max_workers=workers, timeout=WORKER_IDLE_TIMEOUT,
-                                     initializer=_exit_with_parent, initargs=(os.getpid(),))
+    executor = _executor(workers)
     try:
         return list(executor.map(kmeans_chunk, chunks))
     except BaseException:
@@ -180,8 +227,11 @@ def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
             new.setdefault(key, []).append(i)
     payload = [jobs[idx[0]] for idx in new.values()]
     workers = min(int(n_jobs), max(1, len(payload) // 16))
-    if workers <= 1 or len(payload) < min_parallel:
-        labels = kmeans_chunk(payload)
+    if not payload:
+        labels = []
+    elif workers <= 1 or len(payload) < min_parallel:
+        with single_threaded():
+            labels = kmeans_chunk(payload)
     else:
         size = math.ceil(len(payload) / (4 * workers))
         chunks = [payload[a:a + size] for a in range(0, len(payload), size)]
