@@ -115,6 +115,125 @@ def test_blocked_reference_equals_fake_quant_linear(m, k, n, groups, block, sym,
     assert _rel(y, ref, xh, wh) < 1e-9
 
 
+def _synthetic_layer(kind, c, n, sets, gen, sym, hw=(3, 3)):
+    """A QuantLinear / 1x1 QuantConv2d with hand-made calibrated sets: ``sets`` is a list of ``"tensor"``,
+    ``"pixel"`` or ``("channel", G)``; pixel sets have ``P`` positions (``hw`` for convs, 6 tokens for linears)."""
+    from torch import nn
+
+    from dgq_utils.model.layers import ActQuantizer, QuantConv2d, QuantLinear
+
+    if kind == "linear":
+        mod, layout, p = nn.Linear(c, n), "linear", 6
+    else:
+        mod, layout, p = nn.Conv2d(c, n, 1), "conv", hw[0] * hw[1]
+    with torch.no_grad():
+        mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen))
+        mod.bias.copy_(torch.randn(n, generator=gen))
+    act = ActQuantizer("syn.act", 8, symmetric=sym, layout=layout)
+    for i, spec in enumerate(sets):
+        lo = -torch.rand(1, generator=gen).item() * 4 - 0.1
+        hi = torch.rand(1, generator=gen).item() * 4 + 0.1
+        if spec == "tensor":
+            s, z = uniform_qparams(torch.tensor(lo), torch.tensor(hi), 8, symmetric=sym)
+            act.set_params(i, s, z)
+            continue
+        if spec == "pixel":
+            los = lo * (0.2 + torch.rand(p, generator=gen))
+            his = hi * (0.2 + torch.rand(p, generator=gen))
+            s, z = uniform_qparams(los, his, 8, symmetric=sym, include_zero=False)
+            shape = (1, p, 1) if kind == "linear" else (1, 1, *hw)
+            act.set_params(i, s.reshape(shape), z.reshape(shape), {"axis": "pixel", "k": p, "n": p, "ids": None})
+            continue
+        g = spec[1]
+        ids = torch.randint(0, g, (c,), generator=gen)  # scattered, uneven groups (like K-means)
+        glo = lo * (0.2 + torch.rand(g, generator=gen))
+        ghi = hi * (0.2 + torch.rand(g, generator=gen))
+        gs, gz = uniform_qparams(glo, ghi, 8, symmetric=sym, include_zero=False)
+        shape = (1, 1, c) if kind == "linear" else (1, c, 1, 1)
+        act.set_params(i, gs[ids].reshape(shape), gz[ids].reshape(shape),
+                       {"axis": "channel", "k": g, "n": c, "ids": ids})
+    layer = QuantLinear(mod, "syn", act) if kind == "linear" else QuantConv2d(mod, "syn", act)
+    w2 = mod.weight.detach().reshape(n, -1)
+    ws, wz = uniform_qparams(w2.amin(1), w2.amax(1), 8, symmetric=sym)
+    wshape = (n, 1) if kind == "linear" else (n, 1, 1, 1)
+    layer.quantize_weight(scale=ws.reshape(wshape), zero_point=wz.reshape(wshape), bits=8, symmetric=sym)
+    layer.set_mode("quant")
+    return layer, p
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(["linear", "conv1x1"]), c=st.integers(1, 90), n=st.integers(1, 20),
+       sets=st.lists(st.one_of(st.sampled_from(["tensor", "pixel"]), st.tuples(st.just("channel"),
+                                                                                st.integers(1, 16))),
+                     min_size=1, max_size=3),
+       block=st.sampled_from([32, 48, 64]), sym=st.booleans(), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_eight_bit_layer_reference_equals_fake_quant_layer(kind, c, n, sets, block, sym, batch, seed):
+    """The converted layer's CPU path (channel permutation + padding to the block, K-blocked accumulation,
+    per-row / per-block scales with the zero-point corrections) against the fake-quant layer it replaces, for
+    every timestep set: exact in float64 on the same codes, within float32 rounding of the layer itself."""
+    from dgq_utils.model.int8_layers import EightBitLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    layer, p = _synthetic_layer("linear" if kind == "linear" else "conv", c, n, sets, gen, sym)
+    new = EightBitLinear(layer, block=block)
+    state = layer.act.state
+    for i in range(len(sets)):
+        state.set_index = i
+        x = torch.randn((batch, p, c) if kind == "linear" else (batch, c, 3, 3), generator=gen) * 3 + 0.2
+        with torch.no_grad():
+            ref, got = layer(x), new(x)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        # float64 F.linear of the fake-quantized activation and weight: the exact value of both paths
+        xh = layer.act(x).double()
+        wh = layer._weight().double().reshape(n, c)
+        x2 = xh.reshape(-1, c) if kind == "linear" else xh.permute(0, 2, 3, 1).reshape(-1, c)
+        exact = F.linear(x2, wh, layer.bias.detach().double())
+        got2 = got.reshape(-1, n) if kind == "linear" else got.permute(0, 2, 3, 1).reshape(-1, n)
+        ref2 = ref.reshape(-1, n) if kind == "linear" else ref.permute(0, 2, 3, 1).reshape(-1, n)
+        scale = float((x2.abs() @ wh.abs().t()).max()) + float(layer.bias.detach().abs().max())
+        assert float((got2.double() - exact).abs().max()) <= 1e-6 * scale, (i, sets[i])  # fp32 output rounding
+        assert float((got2 - ref2).abs().max()) <= 1e-5 * scale, (i, sets[i])
+        expect = "blocked" if isinstance(sets[i], tuple) and c > 1 else "rows"  # 1 channel: per tensor
+        assert new.plans[i]["kind"] == expect
+        if expect == "blocked":
+            lay = new.plans[i]["layout"]
+            ids = layer.act.info[i]["ids"]
+            assert lay.padded_k == sum(-(-int((ids == g).sum()) // block) * block for g in ids.unique())
+
+
+@settings(max_examples=15, deadline=None)
+@given(sets=st.lists(st.one_of(st.sampled_from(["tensor", "pixel"]), st.tuples(st.just("channel"),
+                                                                               st.integers(1, 8))),
+                     min_size=1, max_size=2),
+       c=st.integers(1, 12), n=st.integers(1, 10), k=st.sampled_from([1, 3]), sym=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_eight_bit_conv_storage_is_bit_identical_to_fake_quant_conv(sets, c, n, k, sym, seed):
+    """k x k convs keep the fake-quant compute with the weight stored as int8 codes: the same outputs bit for bit."""
+    from torch import nn
+
+    from dgq_utils.model.int8_layers import EightBitConv2d
+    from dgq_utils.model.layers import QuantConv2d
+
+    gen = torch.Generator().manual_seed(seed)
+    base, _ = _synthetic_layer("conv", c, n, sets, gen, sym, hw=(5, 5))
+    conv = nn.Conv2d(c, n, k, padding=k // 2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+    layer = QuantConv2d(conv, "syn", base.act)
+    ws, wz = uniform_qparams(conv.weight.detach().reshape(n, -1).amin(1), conv.weight.detach().reshape(n, -1).amax(1),
+                             8, symmetric=sym)
+    layer.quantize_weight(scale=ws.reshape(n, 1, 1, 1), zero_point=wz.reshape(n, 1, 1, 1), bits=8, symmetric=sym)
+    layer.set_mode("quant")
+    new = EightBitConv2d(layer)
+    assert new.codes.dtype == torch.int8 and new.codes.numel() == conv.weight.numel()
+    assert torch.equal(new.dequantized_weight(), layer._weight())
+    for i in range(len(sets)):
+        layer.act.state.set_index = i
+        x = torch.randn(2, c, 5, 5, generator=gen) * 2
+        with torch.no_grad():
+            assert torch.equal(new(x), layer(x))
+
+
 def test_int8_codes_refuse_wide_grids():
     with pytest.raises(ValueError, match="int8"):
         k8.code_offset(9, False)
@@ -158,6 +277,21 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         xg = fake_quant_uniform(x, gs[ids].view(1, 1, k), gz[ids].view(1, 1, k), 8, symmetric=sym)
         ref2 = F.linear(xg.reshape(-1, k).double(), wh, bias.double())
         out.append({"path": "blocked", "err": float((y2.double() - ref2).abs().max() / ref2.abs().max())})
+    # the quantize kernel's codes equal the reference's bit for bit, at rounding ties and their neighbours too
+    v = torch.tensor([0.49999997, 0.5, 1.5, 2.5, -0.5, -1.5, -0.49999997, -0.50000006, 126.5, 127.5, -127.5])
+    v = torch.cat([v, torch.nextafter(v, torch.tensor(1e9)), torch.nextafter(v, torch.tensor(-1e9)),
+                   torch.randn(64 * 64 - 33) * 60])
+    for s0, z0, sym in ((1.0, 128.0, False), (0.037, 3.0, False), (0.5, 0.0, True)):
+        x = (v * s0).reshape(1, 64, 64)
+        a = torch.empty((64, 64), dtype=torch.int8)
+        r = torch.empty(64)
+        sv, zv = torch.full((1,), s0), torch.full((1,), z0)
+        qmin, qmax = (-128, 127) if sym else (0, 255)
+        k8._act_quant_kernel[(2,)](x, a, r, a, sv, zv, sv, zv, 64, 64, 1, 64, x.stride(0), x.stride(1), x.stride(2),
+                                   float(qmin), float(qmax), 0.0 if sym else 128.0, HAS_PERM=False, ROW_PARAMS=True,
+                                   ASYM=not sym, BM=32, BK=64)
+        ra, _ = k8.quantize_act_reference(x.reshape(64, 64), sv, zv, 8, sym)
+        out.append({"path": "codes", "err": float((a.int() - ra.int()).abs().max())})
     print(json.dumps(out))
 """)
 
@@ -170,7 +304,7 @@ def test_int8_kernels_under_triton_interpreter():
                          timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [r["path"] for r in rows] == ["rows", "tensor", "blocked"] * 2
+    assert [r["path"] for r in rows] == ["rows", "tensor", "blocked"] * 2 + ["codes"] * 3
     assert all(r["err"] < 1e-5 for r in rows), rows
 
 
@@ -231,23 +365,49 @@ def test_layer_matches_fake_quant_layer(calibrated_state):
 
 
 def test_convert_drops_weight_bytes_and_matches_fake_quant_images(calibrated_state, caplog):
-    from dgq_utils.quantize.int8 import convert_to_8bit, unet_weight_bytes
-    from dgq_utils.quantize.pipeline import dequantize_pipeline
+    import dgq_utils as dgq
+    from dgq_utils.model.int8_layers import EightBitConv2d, EightBitLinear
+    from dgq_utils.quantize.int8 import unet_weight_bytes
+    from dgq_utils.quantize.pipeline import dequantize_pipeline, get_quant_state, set_quantization_enabled
+    from dgq_utils.testing.tiny import build_tiny_pipeline
 
+    fp16_bytes = unet_weight_bytes(build_tiny_pipeline(seed=0).unet) // 2  # the same UNet in fp16
     pipe = _fresh(calibrated_state)
     fq = generate(pipe)
     before = unet_weight_bytes(pipe.unet)
     with caplog.at_level(logging.WARNING, logger="dgq_utils.quantize.int8"):
-        rep = convert_to_8bit(pipe, "int8")
+        rep = dgq.convert_to_8bit(pipe, "int8")  # the public name
+    assert isinstance(rep, dgq.EightBitReport)
     lines = [r.getMessage() for r in caplog.records if "convert_to_8bit" in r.getMessage()]
     assert len(lines) == 1 and "3x3 conv" in lines[0] and "attention" in lines[0]  # one line: what fell back
-    assert rep.converted and rep.weight_bytes_before == before
-    assert rep.weight_bytes_after == unet_weight_bytes(pipe.unet) < 0.75 * before
+    assert rep.converted and rep.weights_only and rep.weight_bytes_before == before
+    assert rep.plans["rows"] + rep.plans["blocked"] > 0 and rep.plans["k_inflation"] >= 1.0
+    layers = get_quant_state(pipe).layers
+    assert all(isinstance(layers[n], EightBitLinear) for n in rep.converted)
+    assert all(isinstance(layers[n], EightBitConv2d) for n in rep.weights_only)
+    assert not any(p.dtype.is_floating_point and p.numel() > 4096 for p in pipe.unet.parameters())  # no FP weights
+    # weights in 8 bits: below 0.6x the fp16 UNet (the tiny UNet's unquantized norms / biases / conv_in / conv_out
+    # are a larger share than at SD scale)
+    assert rep.weight_bytes_after == unet_weight_bytes(pipe.unet) < 0.6 * fp16_bytes
     q8 = generate(pipe)
     assert psnr(q8, fq) > 30.0  # the same arithmetic; differences only from float rounding, amplified by steps
     assert torch.equal(generate(pipe), q8)  # deterministic
-    with pytest.raises(RuntimeError, match="convert_to_8bit"):
-        dequantize_pipeline(pipe)
+    for undo in (lambda: dequantize_pipeline(pipe), lambda: set_quantization_enabled(pipe, False)):
+        with pytest.raises(RuntimeError, match="convert_to_8bit"):
+            undo()
+    assert torch.equal(generate(pipe), q8)  # the refusals changed nothing
+
+
+def test_state_saved_from_a_converted_pipeline_loads_onto_a_fresh_one(calibrated_state, tmp_path):
+    """The calibration parameters survive conversion: saved again, they give the original fake-quant images."""
+    from dgq_utils.quantize.int8 import convert_to_8bit
+    from dgq_utils.quantize.state import save_quant_state
+
+    ref = generate(_fresh(calibrated_state))
+    pipe = _fresh(calibrated_state)
+    convert_to_8bit(pipe)
+    save_quant_state(pipe, tmp_path / "again.safetensors")
+    assert torch.equal(generate(_fresh(tmp_path / "again.safetensors")), ref)
 
 
 def test_fp8_backend_close_to_fake_quant(calibrated_state):
@@ -270,6 +430,8 @@ def test_convert_rejects_bad_arguments(calibrated_state, pipe):
         convert_to_8bit(q, "int4")
     with pytest.raises(ValueError, match="block"):
         convert_to_8bit(q, block=8)
+    with pytest.raises(ValueError, match="conv_weights"):
+        convert_to_8bit(q, conv_weights="yes")
 
 
 def test_non_w8a8_recipe_falls_back_with_a_reason(pipe, calib_prompts):
