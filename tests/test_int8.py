@@ -491,3 +491,38 @@ def test_gpu_converted_tiny_pipeline_matches_fake_quant(calibrated_state):
         q.to("cuda")
         convert_to_8bit(q, backend)
         assert psnr(generate(q).cpu(), fq.cpu()) > floor, backend
+
+
+@pytest.mark.gpu
+def test_gpu_converted_unet_call_captures_in_a_cuda_graph(calibrated_state):
+    """The int8 path launches no host-to-device copy and no sync once warm: one UNet call of a converted tiny
+    pipeline captures in a CUDA graph and its replay equals the eager call (the benchmark's cudagraph rows)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from dgq_utils.quantize.int8 import convert_to_8bit
+    from dgq_utils.quantize.pipeline import get_quant_state
+
+    pipe = _fresh(calibrated_state)
+    pipe.to("cuda")
+    convert_to_8bit(pipe, "int8")
+    qs = get_quant_state(pipe)
+    unet = pipe.unet
+    pipe.scheduler.set_timesteps(STEPS, device="cuda")
+    ts = pipe.scheduler.timesteps
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g).cuda()
+    cond = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).cuda()
+    with torch.no_grad():
+        for i in range(STEPS):  # warm every set
+            qs.state.call_index = i - 1
+            unet(lat, ts[i], encoder_hidden_states=cond)
+        qs.state.call_index = 0
+        eager = unet(lat, ts[1], encoder_hidden_states=cond).sample.clone()
+        graph = torch.cuda.CUDAGraph()
+        qs.state.call_index = 0
+        with torch.cuda.graph(graph):
+            out = unet(lat, ts[1], encoder_hidden_states=cond).sample
+        qs.state.set_index = 1
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)

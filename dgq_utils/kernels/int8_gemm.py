@@ -451,7 +451,8 @@ _TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
 def tuned_configs() -> dict[tuple, tuple[int, int, int, int, int]]:
-    """The configurations chosen so far: ``(M, N, K, blocked) -> (BM, BN, BK, warps, stages)`` (a copy)."""
+    """The configurations chosen so far: ``(M, N, K, block) -> (BM, BN, BK, warps, stages)`` (a copy; ``K`` is
+    the layer's unpadded K, ``block`` 0 on the rows path)."""
     return dict(_TUNED)
 
 
@@ -565,8 +566,8 @@ def int8_linear(x3: Tensor, w: Int8Weight, bias: Tensor | None, params: RowsPara
             m, n, k_out, p, pp, nb, BLOCKED=blocked, HAS_BIAS=bias is not None,
             BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
-    if config is None:
-        config = _choose((m, n, k_out, blk), run, m, n, k_out, blocked, x3.is_cuda)
+    if config is None:  # keyed by the layer's own K: a new timestep set's padded K does not tune again
+        config = _choose((m, n, k, blk), run, m, n, k_out, blocked, x3.is_cuda)
     run(config)
     return y
 
