@@ -169,13 +169,13 @@ def _row(run, pipe, variant, batch, timing, peak, first, refs, extra=None):
     return row
 
 
-def measure(run, pipe, variant, refs, unet_call=None, ref_key=None, gen=True):
+def measure(run, pipe, variant, refs, unet_call=None, ref_key=None, gen=True, batches=None):
     """Eager (or compiled: ``unet_call``) step latency, memory and agreement of one variant, one row per batch."""
     a = run.args
     dev = pipe.device
-    call = unet_call or pipe.unet
+    call = unet_call if unet_call is not None else pipe.unet
     rows = []
-    for b in a.batches:
+    for b in (batches or a.batches):
         sd.sync(dev)
         sd.reset_peak(dev)
         t = sd.time_steps(pipe, call, b, a.steps, a.warmup_calls, a.step_calls)
@@ -283,20 +283,21 @@ def torchao_variant(run, refs, which: str, compile_it: bool):
     try:
         import torchao
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
-                                          Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
+                                          Int8DynamicActivationInt8WeightConfig, quantize_)
     except Exception as err:  # noqa: BLE001
         note = f"torchao not available ({type(err).__name__}: {str(err)[:200]}): its rows are missing"
         if note not in run.res["notes"]:
             run.res["notes"].append(note)
         return None
     pipe = sd.build(run.args.tiny, run.args.device, getattr(torch, run.args.dtype))
-    cfg = Int8DynamicActivationInt8WeightConfig() if which == "int8" else \
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # float8: per-tensor scales (torchao's row-wise granularity needs bf16 weights; the UNet is fp16)
+    cfg = Int8DynamicActivationInt8WeightConfig() if which == "int8" else Float8DynamicActivationFloat8WeightConfig()
     quantize_(pipe.unet, cfg)  # nn.Linear only (torchao's default filter); convolutions stay fp16
     run.res.setdefault("torchao", {})["version"] = torchao.__version__
     name = f"torchao-{which}-dynamic"
     if compile_it:
-        measure(run, pipe, f"{name}-compiled", refs, unet_call=sd.compiled(pipe.unet), gen=False)
+        measure(run, pipe, f"{name}-compiled", refs, unet_call=sd.compiled(pipe.unet), gen=False,
+                batches=run.args.compile_batches)
     else:
         measure(run, pipe, f"{name}-eager", refs, gen=False)
     del pipe
@@ -341,6 +342,12 @@ def gemm_bench(m, k, n):
     out["fp16_ms"] = _time(lambda: torch.nn.functional.linear(x, w, bias))
     out["int8_rows_fused_ms"] = _time(lambda: k8.int8_linear(x, wq, bias, rows))
     out["int8_blocked_fused_ms"] = _time(lambda: k8.int8_linear(x, wq, bias, blocked))
+    a_r, r_r = k8.quantize_act_int8(x, rows)
+    a_b, r_b = k8.quantize_act_int8(x, blocked)
+    out["int8_rows_quantize_ms"] = _time(lambda: k8.quantize_act_int8(x, rows))
+    out["int8_rows_gemm_ms"] = _time(lambda: k8.int8_gemm(a_r, r_r, wq, bias, rows, p, torch.float16))
+    out["int8_blocked_quantize_ms"] = _time(lambda: k8.quantize_act_int8(x, blocked))
+    out["int8_blocked_gemm_ms"] = _time(lambda: k8.int8_gemm(a_b, r_b, wq, bias, blocked, p, torch.float16))
     out["tuned_rows"] = k8.tuned_configs().get((m, n, k, 0))
     out["tuned_blocked"] = k8.tuned_configs().get((m, n, k, 32))
     try:
@@ -357,7 +364,7 @@ def gemm_bench(m, k, n):
                                                                   out_dtype=torch.bfloat16))
     except RuntimeError as e:
         out["fp8_error"] = str(e)[:200]
-    for key in [kk for kk in out if kk.endswith("_ms")]:
+    for key in [kk for kk in out if kk.endswith("_ms") and "quantize" not in kk]:
         out[key.replace("_ms", "_tops")] = round(ops / (out[key] * 1e-3) / 1e12, 1)
     return out
 
@@ -400,13 +407,16 @@ def markdown(res) -> str:
         lines += ["", f"Note: {note}"]
     if res["gemm"]:
         lines += ["", "## GEMMs at SD shapes (ms; TOP/s in parentheses; fused = quantize kernel + GEMM)", "",
-                  "| M | K | N | fp16 | int8 fused rows | int8 fused blocked (K padded) | cuBLAS _int_mm (pre-quantized) | "
-                  "fp8 _scaled_mm (pre-quantized) | tuned rows / blocked |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| M | K | N | fp16 | int8 fused rows | = quantize + GEMM | int8 fused blocked (K padded) | "
+                  "= quantize + gather/GEMM | cuBLAS _int_mm (pre-quantized) | fp8 _scaled_mm (pre-quantized) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for g in res["gemm"]:
             c = (lambda key: f"{_f(g.get(key + '_ms'), 3)} ({_f(g.get(key + '_tops'), 0)})")
             lines.append(f"| {g['M']} | {g['K']} | {g['N']} | {c('fp16')} | {c('int8_rows_fused')} | "
-                         f"{c('int8_blocked_fused')} ({g['padded_K_blocked']}) | {c('cublas_int_mm')} | "
-                         f"{c('fp8_scaled_mm')} | {g.get('tuned_rows')} / {g.get('tuned_blocked')} |")
+                         f"{_f(g.get('int8_rows_quantize_ms'), 3)} + {c('int8_rows_gemm')} | "
+                         f"{c('int8_blocked_fused')} ({g['padded_K_blocked']}) | "
+                         f"{_f(g.get('int8_blocked_quantize_ms'), 3)} + {c('int8_blocked_gemm')} | "
+                         f"{c('cublas_int_mm')} | {c('fp8_scaled_mm')} |")
     for name, prof in res["profile"].items():
         lines += ["", f"## Profile of one {name} UNet call (batch 2x{max(st['batches'])}, self device time)", "",
                   "| op | ms | share | calls |", "|---|---|---|---|"]
@@ -430,6 +440,12 @@ def main(argv=None) -> int:
     p.add_argument("--step-calls", type=int, default=8)
     p.add_argument("--calib-prompts", type=int, default=2)
     p.add_argument("--calib-batch", type=int, default=2)
+    p.add_argument("--calib-only", default=None, help="only calibrate dgq-w8a8 and save its state to this file")
+    p.add_argument("--state", default=None, help="a saved dgq-w8a8 state to use instead of calibrating")
+    p.add_argument("--grouping", default=None, help="override the recipe's activation grouping (e.g. contiguous)")
+    p.add_argument("--host-stats", action="store_true",
+                   help="calibration statistics finished per call on the host (not the deferred GPU path)")
+    p.add_argument("--compile-batches", type=int, nargs="+", default=[8])
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--no-compile", action="store_true", help="no torch.compile rows (fp16 / torchao)")
     p.add_argument("--refs", default=None, help="file holding the reference outputs between processes")
@@ -449,12 +465,48 @@ def main(argv=None) -> int:
         return 1
     if "fp16" in secs:
         run.section("fp16 eager", lambda: measure(run, pipe, "fp16-eager", refs, ref_key="fp"))
+    recipe = "dgq-w8a8"
+    if args.grouping:
+        from dgq_utils.config import get_preset
+
+        base = get_preset("dgq-w8a8")
+        recipe = base.replace(name=f"dgq-w8a8-{args.grouping}",
+                              activations=base.activations.replace(grouping=args.grouping))
+    if args.host_stats:
+        from dgq_utils.core.stats import TensorStats
+
+        _update = TensorStats.update
+
+        def host_update(self, *a, **kw):
+            self.deferred = False
+            return _update(self, *a, **kw)
+
+        TensorStats.update = host_update
+    if args.calib_only:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(25, repeat=True)
+
+        def calib_only():
+            c = sd.calibrate_once(pipe, recipe, args.calib_prompts, args, pipe.device)
+            save_quant_state(pipe, args.calib_only)
+            c["recipe"] = recipe if isinstance(recipe, str) else recipe.name
+            c["host_stats"] = bool(args.host_stats)
+            run.res["calibration"] = c
+            return c
+
+        ok = run.section("dgq-w8a8 calibration", calib_only)
+        faulthandler.cancel_dump_traceback_later()
+        return 0 if ok is not None else 1
     if "dgq" in secs:
         tmp = tempfile.TemporaryDirectory(prefix="dgq_b8_")
-        state = Path(tmp.name) / "dgq-w8a8.safetensors"
+        state = Path(args.state) if args.state else Path(tmp.name) / "dgq-w8a8.safetensors"
 
         def calib():
-            c = sd.calibrate_once(pipe, "dgq-w8a8", args.calib_prompts, args, pipe.device)
+            if args.state:
+                load_quant_state(pipe, state)
+                return run.res.get("calibration") or {"loaded": str(state)}
+            c = sd.calibrate_once(pipe, recipe, args.calib_prompts, args, pipe.device)
             save_quant_state(pipe, state)
             run.res["calibration"] = c
             return c
@@ -493,9 +545,15 @@ def main(argv=None) -> int:
         tmp.cleanup()
     if cuda and "cudagraph" in secs and "fp16" in secs:
         run.section("fp16 cudagraph", lambda: measure_cudagraph(run, pipe, "fp16-cudagraph", refs), need_s=15)
+    if cuda and "gemm" in secs:
+        for shape in GEMM_SHAPES:
+            g = run.section(f"gemm {shape}", lambda shape=shape: gemm_bench(*shape), need_s=5)
+            if g:
+                run.res["gemm"].append(g)
     if "fp16-compiled" in secs and not args.no_compile:
-        run.section("fp16 compiled", lambda: measure(run, pipe, "fp16-compiled", refs,
-                                                     unet_call=sd.compiled(pipe.unet), gen=False), need_s=120)
+        run.section("fp16 compiled", lambda: measure(run, pipe, "fp16-compiled", refs, unet_call=sd.compiled(pipe.unet),
+                                                     gen=False, batches=args.compile_batches),
+                    need_s=50 * len(args.compile_batches))
     del pipe
     if cuda:
         torch.cuda.empty_cache()
@@ -505,11 +563,6 @@ def main(argv=None) -> int:
         if not args.no_compile:
             run.section("torchao float8 dynamic compiled",
                         lambda: torchao_variant(run, refs, "float8", True), need_s=120)
-    if cuda and "gemm" in secs:
-        for shape in GEMM_SHAPES:
-            g = run.section(f"gemm {shape}", lambda shape=shape: gemm_bench(*shape), need_s=10)
-            if g:
-                run.res["gemm"].append(g)
     run.save()
     print(markdown(run.res))
     return 0

@@ -50,7 +50,8 @@ from dgq_utils.core.quantizers import qrange
 
 __all__ = ["BlockLayout", "BlockedParams", "Int8Weight", "RowsParams", "TUNE", "available", "block_layout",
            "blocked_gemm_reference", "blocked_params", "code_offset", "int8_linear", "int8_linear_triton",
-           "int_matmul", "quantize_act_reference", "quantize_weight_int8", "rows_gemm_reference", "rows_params",
+           "int8_gemm", "int_matmul", "quantize_act_int8", "quantize_act_reference", "quantize_weight_int8",
+           "rows_gemm_reference", "rows_params",
            "tuned_configs"]
 
 try:  # pragma: no cover - depends on the installation
@@ -61,8 +62,9 @@ try:  # pragma: no cover - depends on the installation
 except Exception:  # noqa: BLE001 - any import problem means: no kernel
     _HAVE_TRITON = False
 
-#: time a few GEMM tile configurations per shape on the first CUDA call and keep the fastest (else a heuristic)
-TUNE = os.environ.get("DGQ_INT8_TUNE", "1") != "0"
+#: time a few GEMM tile configurations per shape on the first CUDA call and keep the fastest; off by default
+#: (``DGQ_INT8_TUNE=1`` turns it on): the heuristic encodes what that tuning chose at SD shapes on an H200
+TUNE = os.environ.get("DGQ_INT8_TUNE", "0") != "0"
 
 
 def available(x: Tensor) -> bool:
@@ -445,8 +447,8 @@ if _HAVE_TRITON:  # pragma: no cover - compiled on the GPU (or interpreted in te
 # tile configurations
 # ----------------------------------------------------------------------------------------------------------
 #: (BM, BN, BK, warps, stages) candidates; the blocked path replaces BK by the layout's block
-_ROWS_CANDIDATES = ((128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (128, 256, 128, 8, 3), (128, 128, 64, 8, 4))
-_BLOCKED_CANDIDATES = ((128, 128, 32, 8, 4), (128, 64, 32, 4, 5), (128, 256, 32, 8, 3))
+_ROWS_CANDIDATES = ((128, 64, 128, 4, 4), (128, 256, 128, 8, 3), (128, 128, 128, 8, 3))
+_BLOCKED_CANDIDATES = ((128, 64, 32, 4, 5), (128, 128, 32, 8, 4))
 _TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
@@ -457,10 +459,13 @@ def tuned_configs() -> dict[tuple, tuple[int, int, int, int, int]]:
 
 
 def _heuristic(m: int, n: int, k: int, blocked: bool) -> tuple[int, int, int, int, int]:
-    bn = 64 if n % 128 else 128
+    """What the tuner picked at SD v1.5 shapes on an H200 (M 4k-65k, K 320-5120, N 320-10240): 128 x 64 tiles,
+    except 128 x 256 where N is a multiple of 256 and there are >= 2 waves of such tiles; blocked: 128 x 64."""
     if blocked:
-        return (128, bn, 32, 8 if bn == 128 else 4, 4)
-    return (128, bn, 128 if k % 128 == 0 else 64, 8 if bn == 128 else 4, 3)
+        return (128, 64, 32, 4, 5)
+    if n % 256 == 0 and -(-m // 128) * (n // 256) >= 264:
+        return (128, 256, 128, 8, 3)
+    return (128, 64, 128, 4, 4)
 
 
 def _capturing() -> bool:
@@ -504,26 +509,20 @@ def _choose(key: tuple, run, m: int, n: int, k: int, blocked: bool, cuda: bool):
 # ----------------------------------------------------------------------------------------------------------
 # the fused 8-bit linear
 # ----------------------------------------------------------------------------------------------------------
-def int8_linear(x3: Tensor, w: Int8Weight, bias: Tensor | None, params: RowsParams | BlockedParams, *,
-                bits: int = 8, symmetric: bool = False,
-                config: tuple[int, int, int, int, int] | None = None) -> Tensor:
-    """Quantize ``x3`` ``(B, P, K)`` (any strides) with ``params`` and multiply with ``w`` in 8 bits; returns
-    ``(B * P, N)`` in ``x3.dtype``. Launches: the quantize kernel, (blocked path) the weight gather, the GEMM.
-    ``config``: ``(BM, BN, BK, warps, stages)`` of the GEMM (``BK`` is the layout's block on the blocked path);
-    by default tuned per shape (:func:`_choose`)."""
+def quantize_act_int8(x3: Tensor, params: RowsParams | BlockedParams, *, bits: int = 8,
+                      symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """The quantize kernel alone: int8 codes ``(B * P, K or Kp)`` of ``x3`` ``(B, P, K)`` (gathered into the
+    layout's order on the blocked path) and the float32 row sums ``r`` of the dequantized activation."""
     if not _HAVE_TRITON:
-        raise RuntimeError("int8_linear needs Triton; use the reference path.")
+        raise RuntimeError("quantize_act_int8 needs Triton; use the reference path.")
     b, p, k = x3.shape
     m = b * p
-    n = w.codes.shape[0]
     o = code_offset(bits, symmetric)
     qmin, qmax = qrange(bits, symmetric)
-    dev = x3.device
     blocked = isinstance(params, BlockedParams)
     if blocked:
-        lay = params.layout
-        k_out, blk, nb = lay.padded_k, lay.block, lay.num_blocks
-        perm, cs, cz = lay.perm, params.col_scale, params.col_zp
+        k_out = params.layout.padded_k
+        perm, cs, cz = params.layout.perm, params.col_scale, params.col_zp
         rs = rz = cs  # unused
         pp = 1
     else:
@@ -531,29 +530,45 @@ def int8_linear(x3: Tensor, w: Int8Weight, bias: Tensor | None, params: RowsPara
         pp = rs.numel()
         if pp not in (1, p):
             raise ValueError(f"row parameters of length {pp} do not match the input's {p} positions.")
-        k_out, blk, nb = k, 0, 1
+        k_out = k
         perm = cs = cz = rs  # unused
-    a = torch.empty((m, k_out), dtype=torch.int8, device=dev)
-    r = torch.empty((m,), dtype=torch.float32, device=dev)
+    a = torch.empty((m, k_out), dtype=torch.int8, device=x3.device)
+    r = torch.empty((m,), dtype=torch.float32, device=x3.device)
     bmq, bkq = 32, 64
     _act_quant_kernel[(triton.cdiv(m, bmq),)](
         x3, a, r, perm, rs, rz, cs, cz, m, p, pp, k_out, x3.stride(0), x3.stride(1), x3.stride(2),
         float(qmin), float(qmax), float(o), HAS_PERM=blocked, ROW_PARAMS=not blocked, ASYM=not symmetric,
         BM=bmq, BK=bkq, num_warps=4)
+    return a, r
+
+
+def int8_gemm(a: Tensor, r: Tensor, w: Int8Weight, bias: Tensor | None, params: RowsParams | BlockedParams,
+              positions: int, out_dtype, *, config: tuple[int, int, int, int, int] | None = None) -> Tensor:
+    """The GEMM (and, on the blocked path, the weight gather) on codes from :func:`quantize_act_int8`:
+    ``(M, N)`` in ``out_dtype``. ``positions``: ``P`` of the input (row ``m`` is position ``m mod P``)."""
+    if not _HAVE_TRITON:
+        raise RuntimeError("int8_gemm needs Triton; use the reference path.")
+    m, k_out = a.shape
+    n, k = w.codes.shape
+    dev = a.device
+    blocked = isinstance(params, BlockedParams)
     if blocked:
+        lay = params.layout
+        blk, nb, pp = lay.block, lay.num_blocks, 1
         wp = torch.empty((n, k_out), dtype=torch.int8, device=dev)
         bsum = torch.empty((n, nb), dtype=torch.int32, device=dev)
-        _gather_weight_kernel[(triton.cdiv(n, 64), nb)](w.codes, wp, bsum, perm, n, k, k_out, nb, BN=64, BLK=blk,
-                                                        num_warps=4)
+        _gather_weight_kernel[(triton.cdiv(n, 64), nb)](w.codes, wp, bsum, lay.perm, n, k, k_out, nb, BN=64,
+                                                        BLK=blk, num_warps=4)
         bs, bc = params.block_scale, params.block_offset
         rs_g = rc_g = bs  # unused
         wcodes = wp
     else:
+        blk, nb, pp = 0, 1, params.scale.numel()
         bsum = w.code_sum  # unused
         bs = bc = r  # unused
-        rs_g, rc_g = rs, params.offset
+        rs_g, rc_g = params.scale, params.offset
         wcodes = w.codes
-    y = torch.empty((m, n), dtype=x3.dtype, device=dev)
+    y = torch.empty((m, n), dtype=out_dtype, device=dev)
     bias_arg = bias if bias is not None else w.scale
 
     def run(cfg):
@@ -563,13 +578,24 @@ def int8_linear(x3: Tensor, w: Int8Weight, bias: Tensor | None, params: RowsPara
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         _int8_gemm_kernel[grid](
             a, wcodes, y, bs, bc, bsum, rs_g, rc_g, w.code_sum, w.scale, w.offset, r, bias_arg,
-            m, n, k_out, p, pp, nb, BLOCKED=blocked, HAS_BIAS=bias is not None,
+            m, n, k_out, positions, pp, nb, BLOCKED=blocked, HAS_BIAS=bias is not None,
             BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
     if config is None:  # keyed by the layer's own K: a new timestep set's padded K does not tune again
-        config = _choose((m, n, k, blk), run, m, n, k_out, blocked, x3.is_cuda)
+        config = _choose((m, n, k, blk), run, m, n, k_out, blocked, a.is_cuda)
     run(config)
     return y
+
+
+def int8_linear(x3: Tensor, w: Int8Weight, bias: Tensor | None, params: RowsParams | BlockedParams, *,
+                bits: int = 8, symmetric: bool = False,
+                config: tuple[int, int, int, int, int] | None = None) -> Tensor:
+    """Quantize ``x3`` ``(B, P, K)`` (any strides) with ``params`` and multiply with ``w`` in 8 bits; returns
+    ``(B * P, N)`` in ``x3.dtype``. Launches: the quantize kernel, (blocked path) the weight gather, the GEMM.
+    ``config``: ``(BM, BN, BK, warps, stages)`` of the GEMM (``BK`` is the layout's block on the blocked path);
+    by default the heuristic, or tuned per shape with :data:`TUNE`."""
+    a, r = quantize_act_int8(x3, params, bits=bits, symmetric=symmetric)
+    return int8_gemm(a, r, w, bias, params, x3.shape[1], x3.dtype, config=config)
 
 
 def int8_linear_triton(x3: Tensor, w: Int8Weight, bias: Tensor | None, *, bits: int = 8, symmetric: bool = False,
