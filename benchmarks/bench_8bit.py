@@ -159,7 +159,7 @@ def _row(run, pipe, variant, batch, timing, peak, first, refs, extra=None):
            "psnr_vs_fakequant": None, "psnr_vs_fp16": None}
     fq, fp = refs.get(f"fq_b{batch}"), refs.get(f"fp_b{batch}")
     if first is not None:
-        if fq is not None and not variant.startswith("fake-quant-dgq-w8a8-eager"):
+        if fq is not None and not (variant.startswith("fake-quant-") and variant.endswith("-eager")):
             row["psnr_vs_fakequant"] = psnr(first, fq)
         if fp is not None and variant != "fp16-eager":
             row["psnr_vs_fp16"] = psnr(first, fp)
@@ -167,6 +167,15 @@ def _row(run, pipe, variant, batch, timing, peak, first, refs, extra=None):
     run.res["rows"].append(row)
     run.save()
     return row
+
+
+def label(run, recipe) -> str:
+    """The calibrated recipe's name for the row labels: the one given, or the one a loaded state's calibration
+    record names (the GPU run calibrates in another process)."""
+    name = recipe if isinstance(recipe, str) else recipe.name
+    if run.args.state:
+        name = run.res.get("calibration", {}).get("recipe", name)
+    return name
 
 
 def measure(run, pipe, variant, refs, unet_call=None, ref_key=None, gen=True, batches=None):
@@ -512,11 +521,12 @@ def main(argv=None) -> int:
             return c
 
         if run.section("dgq-w8a8 calibration", calib, need_s=40) is not None:
-            run.section("fake-quant dgq-w8a8", lambda: measure(run, pipe, "fake-quant-dgq-w8a8-eager", refs,
+            tag = label(run, recipe)
+            run.section("fake-quant dgq-w8a8", lambda: measure(run, pipe, f"fake-quant-{tag}-eager", refs,
                                                                ref_key="fq"))
             if cuda and "cudagraph" in secs:
                 run.section("fake-quant dgq-w8a8 cudagraph",
-                            lambda: measure_cudagraph(run, pipe, "fake-quant-dgq-w8a8-cudagraph", refs), need_s=20)
+                            lambda: measure_cudagraph(run, pipe, f"fake-quant-{tag}-cudagraph", refs), need_s=20)
             from dgq_utils.quantize.pipeline import dequantize_pipeline
 
             dequantize_pipeline(pipe)
@@ -525,17 +535,17 @@ def main(argv=None) -> int:
 
                 def eager(backend=backend, holder=holder):
                     holder["pipe"] = load_8bit(run, state, backend)
-                    measure(run, holder["pipe"], f"{backend}-dgq-w8a8-eager", refs)
+                    measure(run, holder["pipe"], f"{backend}-{tag}-eager", refs)
 
                 run.section(f"{backend} dgq-w8a8 eager", eager, need_s=30)
                 q = holder.get("pipe")
                 if q is not None and cuda and "cudagraph" in secs:
                     run.section(f"{backend} dgq-w8a8 cudagraph",
-                                lambda q=q, backend=backend: measure_cudagraph(run, q, f"{backend}-dgq-w8a8-cudagraph",
+                                lambda q=q, backend=backend: measure_cudagraph(run, q, f"{backend}-{tag}-cudagraph",
                                                                                refs), need_s=20)
                 if q is not None and backend == "int8" and cuda:
                     def prof(q=q):
-                        run.res["profile"]["int8-dgq-w8a8-eager"] = sd.profile_step(q, max(args.batches), args.steps,
+                        run.res["profile"][f"int8-{tag}-eager"] = sd.profile_step(q, max(args.batches), args.steps,
                                                                                     rows=16)
                     run.section("int8 profile", prof, need_s=15)
                 holder.clear()
