@@ -12,10 +12,18 @@ sum each cluster's points in per-thread buffers and add the buffers up in whatev
 with several threads the centres (and, at a near-tie, a label) can differ from run to run; one thread gives the
 single-threaded result every time -- the same labels as ``OMP_NUM_THREADS=1`` -- and, with one fit per core in
 the worker processes, no oversubscription (16 workers x 16 OpenMP threads spinning on 16 cores made every fit
-several times slower).
+several times slower; on 2 cores, 2 workers x 8 threads ran 256 fits 16-19x slower than 2 x 1 -- the "stall" of
+the K-means calibration seen on the 16-CPU GPU machine before this cap).
+
+Never a hang: the workers get ``OMP_NUM_THREADS=1`` (and the BLAS equivalents) in their environment before any
+library loads, on top of the runtime limit their initializer sets; they are started by loky's own context
+(fork + exec, so a parent that has initialised CUDA is never forked as is); and a call whose workers finish no
+chunk of fits for :func:`stall_timeout` seconds (``DGQ_KMEANS_TIMEOUT``, default :data:`STALL_TIMEOUT`) kills
+them and raises :class:`KMeansStalled`, which says how to fit in-process instead.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import math
 import os
@@ -180,11 +188,41 @@ def _warm() -> int:
     return os.getpid()
 
 
+#: environment of every worker process, set before any module loads (one thread per fit, from the start)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "BLIS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+
+#: default seconds a worker call may go without one chunk of fits finishing before it is declared stalled
+STALL_TIMEOUT = 300.0
+
+
+class KMeansStalled(RuntimeError):
+    """The K-means worker processes finished no chunk of fits within :func:`stall_timeout` seconds."""
+
+
+def stall_timeout() -> float | None:
+    """Seconds :func:`run_in_workers` waits for the next chunk before raising :class:`KMeansStalled`: the
+    ``DGQ_KMEANS_TIMEOUT`` environment variable (``0``: wait forever), else :data:`STALL_TIMEOUT`."""
+    env = os.environ.get("DGQ_KMEANS_TIMEOUT", "").strip()
+    if not env:
+        return STALL_TIMEOUT
+    try:
+        value = float(env)
+    except ValueError:
+        raise ValueError(f"DGQ_KMEANS_TIMEOUT must be a number of seconds (0: no timeout); got {env!r}.") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"DGQ_KMEANS_TIMEOUT must be a number of seconds >= 0 (0: no timeout); got {env!r}.")
+    return value or None
+
+
 def _executor(workers: int):
     from joblib.externals.loky import get_reusable_executor
+    from joblib.externals.loky.backend.context import get_context
 
-    return get_reusable_executor(max_workers=workers, timeout=WORKER_IDLE_TIMEOUT,
-                                 initializer=_worker_init, initargs=(os.getpid(),))
+    # "loky": fork + exec (a fresh interpreter, like spawn), whatever the multiprocessing default is; the only
+    # context where ``env`` applies
+    return get_reusable_executor(max_workers=workers, timeout=WORKER_IDLE_TIMEOUT, context=get_context("loky"),
+                                 initializer=_worker_init, initargs=(os.getpid(),), env=dict(WORKER_ENV))
 
 
 def prestart_workers(n_jobs: int) -> None:
@@ -198,12 +236,29 @@ def prestart_workers(n_jobs: int) -> None:
         executor.submit(_warm)
 
 
-def _run_in_workers(chunks: list, workers: int) -> list:
-    """``kmeans_chunk`` of every chunk in loky worker processes that end with this process (see
-    :func:`_exit_with_parent`); an interrupt (KeyboardInterrupt, any error) kills the workers before re-raising."""
+def run_in_workers(fn, chunks: list, workers: int, *, timeout: float | None = None) -> list:
+    """``fn(chunk)`` of every chunk, in order, in ``workers`` loky worker processes that end with this process
+    (see :func:`_exit_with_parent`). ``timeout``: seconds without any chunk finishing (default
+    :func:`stall_timeout`; ``None`` or 0 from there: no limit) before the workers are killed and
+    :class:`KMeansStalled` is raised. An interrupt (KeyboardInterrupt, any error) kills the workers before
+    re-raising."""
+    limit = stall_timeout() if timeout is None else (float(timeout) or None)
     executor = _executor(workers)
     try:
-        return list(executor.map(kmeans_chunk, chunks))
+        futures = [executor.submit(fn, chunk) for chunk in chunks]
+        pending = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=limit,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise KMeansStalled(
+                    f"K-means worker processes ({workers}) finished no chunk of fits in {limit:g} s "
+                    f"({len(futures) - len(pending)} of {len(futures)} chunks done); they were stopped. Fit in "
+                    "this process with DGQ_KMEANS_JOBS=1 (or n_jobs=1), use fewer workers, or raise the limit "
+                    "with DGQ_KMEANS_TIMEOUT=<seconds> (0: none).")
+            for f in done:
+                f.result()  # a worker's error, raised now
+        return [f.result() for f in futures]
     except BaseException:
         executor.shutdown(wait=False, kill_workers=True)
         raise
@@ -235,7 +290,7 @@ def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
     else:
         size = math.ceil(len(payload) / (4 * workers))
         chunks = [payload[a:a + size] for a in range(0, len(payload), size)]
-        labels = [ids for part in _run_in_workers(chunks, workers) for ids in part]
+        labels = [ids for part in run_in_workers(kmeans_chunk, chunks, workers) for ids in part]
     for (key, idx), ids in zip(new.items(), labels):
         _memo[key] = ids
         for i in idx:
