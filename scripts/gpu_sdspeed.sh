@@ -6,6 +6,9 @@ out=${1:?output folder}; total=${2:-440}
 mkdir -p "$out"
 start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$out/gpu_tests.txt" 2>&1
+python -c "import accelerate; print('accelerate', accelerate.__version__)" >> "$out/gpu_tests.txt" 2>&1
+# a K-means worker pool that finishes no chunk of fits in 90 s fails the calibration clearly (never a hang)
+export DGQ_KMEANS_TIMEOUT=${DGQ_KMEANS_TIMEOUT:-90}
 timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py tests/test_fake_quant_kernel.py \
   tests/test_gpu_speed_paths.py -k "not inductor" -s -rA 2>&1 | grep -v "^PASSED\|^$" | tail -60 >> "$out/gpu_tests.txt"
 left=$(( total - ($(date +%s) - start) - 15 ))
