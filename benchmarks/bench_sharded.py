@@ -64,6 +64,8 @@ def run(args) -> dict:
     if device.startswith("cuda") and shard.world_size > 1:
         if not args.one_device:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard.rank))}"
+        elif torch.device(device).index is None:  # set_device needs an index: the current device
+            device = f"cuda:{torch.cuda.current_device()}"
         torch.cuda.set_device(device)
     if device == "cpu":  # the same thread count in every run: CPU kernels are not bit-identical across counts
         torch.set_num_threads(args.threads)
