@@ -36,6 +36,7 @@ from pathlib import Path
 
 from dgq_utils import paths, timing
 from dgq_utils.atomic import atomic_write_json
+from dgq_utils.report import compare_runs, runs as run_folders
 from dgq_utils.report.parameters import check_chain_parameters
 
 ROOT = paths.REPO_ROOT
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="a notebook parameter, e.g. -p device cuda (values parse as Python literals)")
     ap.add_argument("--quick", action="store_true", help="tiny N: the CI smoke run of the whole chain")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for executed notebooks and HTML")
+    ap.add_argument("--out", default=None, help="folder for executed notebooks and HTML (default: RUN/notebooks)")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (names or numbers, e.g. 01 03)")
     ap.add_argument("--no-html", action="store_true", help="skip the HTML export")
     ap.add_argument("--lanes", type=int, default=None,
@@ -304,14 +305,20 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--only {' '.join(args.only)} matches no notebook in {NOTEBOOK_DIR}")
     if args.lanes is not None and args.lanes < 1:
         ap.error(f"--lanes: got {args.lanes}; allowed: an integer >= 1 (1 runs the notebooks one after another)")
+    # the run folder named by the settings (run.json in it); notebooks get it as save_to (dgq_utils.report.runs)
+    run = run_folders.start_run(params, list_notebooks(), sys.argv[1:] if argv is None else argv, only=books)
+    out = args.out or run.notebooks_dir
     start = time.perf_counter()
     try:
-        runs = run_chain(params, out_dir=args.out, notebooks=books, html=not args.no_html, lanes=args.lanes)
+        runs = run_chain(run.parameters, out_dir=out, notebooks=books, html=not args.no_html, lanes=args.lanes)
     except ChainError as err:
+        run.finish(error=str(err))
         print(f"report: {err}", file=sys.stderr)
         return 1
+    run.finish(runs)
     print(f"report: {len(runs)} notebooks in {time.perf_counter() - start:.0f} s wall "
-          f"({sum(r.seconds for r in runs):.0f} s summed over notebooks); outputs in {args.out}")
+          f"({sum(r.seconds for r in runs):.0f} s summed over notebooks); executed notebooks in {out}")
+    print(compare_runs.summary(run.folder))
     return 0
 
 
