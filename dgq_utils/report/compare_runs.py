@@ -32,11 +32,14 @@ MAIN_TABLE = "05_dgq_vs_baseline.csv"
 KEY = ["setting", "metric"]
 
 
-def format_diff(diff: float, low: float, high: float) -> str:
-    """``+0.023 [0.008, 0.038]`` with a ``*`` when the CI excludes 0 (3 significant decimals, 2 for dB-sized)."""
+#: decimals shown per metric (the README's: dB to 2 decimals, the rest to 3)
+DIGITS = {"psnr": 2}
+
+
+def format_diff(diff: float, low: float, high: float, digits: int = 3) -> str:
+    """``+0.023 [0.008, 0.038]`` with a ``*`` when the CI excludes 0."""
     if any(isinstance(v, float) and math.isnan(v) for v in (diff, low, high)):
         return "—"
-    digits = 2 if max(abs(diff), abs(low), abs(high)) >= 1 else 3
     star = "*" if (low > 0 or high < 0) else ""
     return f"{diff:+.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]{star}"
 
@@ -60,13 +63,14 @@ def compare_tables(run_results: str | os.PathLike, committed_results: str | os.P
         d = r._asdict()
         have_run = not pd.isna(d.get("diff_run"))
         have_committed = not pd.isna(d.get("diff_committed"))
+        digits = DIGITS.get(str(d["metric"]), 3)
         agree = None
         if have_run and have_committed:
             agree = bool(d["ci_low_run"] <= d["ci_high_committed"] and d["ci_low_committed"] <= d["ci_high_run"])
         rows.append({
             "setting": d["setting"], "metric": d["metric"],
-            "this_run": format_diff(d["diff_run"], d["ci_low_run"], d["ci_high_run"]) if have_run else "—",
-            "committed": (format_diff(d["diff_committed"], d["ci_low_committed"], d["ci_high_committed"])
+            "this_run": format_diff(d["diff_run"], d["ci_low_run"], d["ci_high_run"], digits) if have_run else "—",
+            "committed": (format_diff(d["diff_committed"], d["ci_low_committed"], d["ci_high_committed"], digits)
                           if have_committed else "—"),
             "n_run": int(d["n_run"]) if have_run else None,
             "n_committed": int(d["n_committed"]) if have_committed else None,
