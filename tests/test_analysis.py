@@ -60,7 +60,8 @@ def test_output_dirs_never_touch_the_repo_for_smoke_runs(tmp_path):
     assert f == A.ROOT / "outputs" / "tiny" / "figures"
     f, r = A.output_dirs(tmp_path / "x", quick=False, kind="embedded")
     assert f == tmp_path / "x" / "figures" and r.is_dir()
-    assert A.output_dirs(None, quick=False, kind="embedded")[0] == A.ROOT / "figures"
+    f, r = A.output_dirs(None, quick=False, kind="embedded", settings={"n_prompts": 64, "n_calibration": 16})
+    assert f.parent.parent == A.runs_dir() and f.parent.name.startswith("embedded-n64-c16-cpu-")  # never ROOT
 
 
 def test_write_table_is_deterministic_and_atomic(tmp_path):
