@@ -32,8 +32,8 @@ MAIN_TABLE = "05_dgq_vs_baseline.csv"
 KEY = ["setting", "metric"]
 
 
-#: decimals shown per metric (the README's: dB to 2 decimals, the rest to 3)
-DIGITS = {"psnr": 2}
+#: decimals shown per metric (as the README: dB 2, SSIM 4, the rest 3)
+DIGITS = {"psnr": 2, "ssim": 4}
 
 
 def format_diff(diff: float, low: float, high: float, digits: int = 3) -> str:
@@ -58,6 +58,11 @@ def compare_tables(run_results: str | os.PathLike, committed_results: str | os.P
     committed_path = Path(committed_results) / table
     theirs = pd.read_csv(committed_path) if committed_path.is_file() else pd.DataFrame(columns=ours.columns)
     merged = ours.merge(theirs, on=KEY, how="outer", suffixes=("_run", "_committed"), sort=False)
+    # rows in the order the tables list them (W8A8, W8A6, W4A8; the metrics as notebook 05 writes them)
+    order = {key: i for i, key in enumerate(dict.fromkeys(
+        [tuple(k) for k in ours[KEY].values.tolist()] + [tuple(k) for k in theirs[KEY].values.tolist()]))}
+    merged = merged.assign(_order=[order[(a, b)] for a, b in zip(merged.setting, merged.metric)])
+    merged = merged.sort_values("_order").drop(columns="_order")
     rows = []
     for r in merged.itertuples(index=False):
         d = r._asdict()
@@ -100,8 +105,10 @@ def summary(run_folder: str | os.PathLike, committed_root: str | os.PathLike = R
     shown = table.assign(agree=table.agree.map({True: "yes", False: "NO", None: "—"}))
     shown = shown.rename(columns={"agree": "CIs overlap"})
     lines.append(shown.to_string(index=False))
-    lines.append(f"The repository's figures/ and results/ are unchanged; to replace them with this run: "
-                 f"python -m dgq_utils.report.publish {run_folder}")
+    record = read_run(run_folder) or {}
+    hint = ("" if (record.get("settings") or {}).get("quick") else
+            f"; to make this run the committed one: python -m dgq_utils.report.publish {run_folder}")
+    lines.append(f"The repository's figures/ and results/ are unchanged{hint}")
     return "\n".join(lines)
 
 

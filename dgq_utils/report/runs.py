@@ -218,12 +218,16 @@ def describe(record: Mapping[str, Any] | None) -> str:
         return "(no run record)"
     s = record.get("settings", {})
     m = record.get("machine", {})
-    commit = (record.get("git") or {}).get("commit") or "?"
+    git = record.get("git") or {}
+    commit = (str(git["commit"])[:10] + (" + local changes" if git.get("dirty") else "") if git.get("commit")
+              else "not recorded" + (f", results committed in {str(git['committed_in'])[:10]}"
+                                     if git.get("committed_in") else ""))
     model = "embedded model" if s.get("model_id") is None else str(s.get("model_id"))
-    return (f"{model}, {s.get('n_prompts')} prompts, {s.get('n_calibration')} calibration prompts, "
-            f"{s.get('device')} ({m.get('device_name', '?')}, {m.get('cpus', '?')} CPUs, torch {m.get('torch', '?')}), "
-            f"{(record.get('finished') or record.get('started') or '?')[:10]}, commit {str(commit)[:10]}"
-            + (" (quick)" if s.get("quick") else ""))
+    sizes = ("quick (tiny N)" if s.get("quick") else
+             f"{s.get('n_prompts')} prompts, {s.get('n_calibration')} calibration prompts")
+    return (f"{model}, {sizes}, {s.get('device')} ({m.get('device_name', '?')}, {m.get('cpus', '?')} CPUs, "
+            f"torch {m.get('torch', '?')}), {(record.get('finished') or record.get('started') or '?')[:10]}, "
+            f"commit {commit}")
 
 
 if __name__ == "__main__":  # pragma: no cover - convenience: show a run record
