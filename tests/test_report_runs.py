@@ -183,7 +183,8 @@ def test_compare_tables_side_by_side(tmp_path):
     a.mkdir()
     b.mkdir()
     head = "setting,recipe,metric,diff,ci_low,ci_high,n,p_value\n"
-    (a / compare_runs.MAIN_TABLE).write_text(head + "W8A8,dgq,psnr,-3.53,-4.89,-2.21,64,0\nW8A8,dgq,ssim,0.01,-0.01,0.02,64,0.3\n")
+    (a / compare_runs.MAIN_TABLE).write_text(head + "W8A8,dgq,psnr,-3.53,-4.89,-2.21,64,0\n"
+                                             "W8A8,dgq,ssim,0.01,-0.01,0.02,64,0.3\n")
     (b / compare_runs.MAIN_TABLE).write_text(head + "W8A8,dgq,psnr,-0.04,-0.28,0.20,2000,0.7\n")
     t = compare_runs.compare_tables(a, b).set_index("metric")
     assert t.loc["psnr", "this_run"] == "-3.53 [-4.89, -2.21]*" and t.loc["psnr", "committed"] == "-0.04 [-0.28, 0.20]"
