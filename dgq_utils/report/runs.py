@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -66,14 +67,29 @@ def git_state(root: Path = ROOT) -> dict:
         return {"commit": None, "dirty": None}
 
 
-def machine_info(device: Any = "cpu") -> dict:
-    """CPU count, platform, Python, torch (and CUDA) versions and the name of ``device``."""
-    import torch
+def _gpu_names() -> list[str]:
+    """GPU names from ``nvidia-smi`` (no CUDA context in this process); ``[]`` without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
+
+def machine_info(device: Any = "cpu") -> dict:
+    """CPU count, platform, Python and torch versions and the name of ``device`` (GPUs: ``nvidia-smi``'s name and
+    driver; the chain's own process never imports torch or opens a CUDA context for this)."""
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
     info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name(torch.device(str(device)))
+            "torch": torch_version, "device": str(device)}
+    if str(device).startswith("cuda"):
+        gpus = _gpu_names()
+        info["device_name"] = gpus[0].split(",")[0].strip() if gpus else "cuda (nvidia-smi not found)"
+        info["gpus"] = gpus
     else:
         info["device_name"] = platform.processor() or platform.machine() or "cpu"
     return info
