@@ -264,38 +264,56 @@ def run_in_workers(fn, chunks: list, workers: int, *, timeout: float | None = No
         raise
 
 
-def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
-                min_parallel: int = 64) -> list[np.ndarray]:
-    """:func:`kmeans_ids` for every ``(points, k, seed)``, in order. Inputs seen before come from the memo (and
-    the folder of :func:`set_store`, if set); the others run in ``n_jobs`` loky worker processes when there are at least ``min_parallel`` of them."""
-    keys = [_key(p, k, s) for p, k, s in jobs]
-    if any(key not in _memo for key in keys):
-        _load_store()
-    out: list[np.ndarray | None] = [None] * len(jobs)
-    new: dict[bytes, list[int]] = {}
+def _fit_new(jobs, keys: list[bytes], n_jobs: int, min_parallel: int) -> None:
+    """Fit the jobs whose key is not in the memo (one fit per distinct key) and keep them (memo and store)."""
+    new: dict[bytes, int] = {}
     for i, key in enumerate(keys):
-        hit = _memo.get(key)
-        if hit is not None:
-            _memo.move_to_end(key)
-            out[i] = hit.copy()
-        else:
-            new.setdefault(key, []).append(i)
-    payload = [jobs[idx[0]] for idx in new.values()]
+        if key not in _memo:
+            new.setdefault(key, i)
+    if not new:
+        return
+    payload = [jobs[i] for i in new.values()]
     workers = min(int(n_jobs), max(1, len(payload) // 16))
-    if not payload:
-        labels = []
-    elif workers <= 1 or len(payload) < min_parallel:
+    if workers <= 1 or len(payload) < min_parallel:
         with single_threaded():
             labels = kmeans_chunk(payload)
     else:
         size = math.ceil(len(payload) / (4 * workers))
         chunks = [payload[a:a + size] for a in range(0, len(payload), size)]
         labels = [ids for part in run_in_workers(kmeans_chunk, chunks, workers) for ids in part]
-    for (key, idx), ids in zip(new.items(), labels):
+    for key, ids in zip(new, labels):
         _memo[key] = ids
-        for i in idx:
-            out[i] = ids.copy()
     _save_store({key: _memo[key] for key in new})
+
+
+def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
+                min_parallel: int = 64) -> list[np.ndarray]:
+    """:func:`kmeans_ids` for every ``(points, k, seed)``, in order. Inputs seen before come from the memo (and
+    the folder of :func:`set_store`, if set); the others run in ``n_jobs`` loky worker processes when there are
+    at least ``min_parallel`` of them.
+
+    With a store folder, two processes asking for the same new fits at the same time (notebooks 04 and 06 of the
+    report in two lanes) do not both make them: the fits are made under a file lock named by the set of new
+    inputs, and the process that waited answers from the store."""
+    keys = [_key(p, k, s) for p, k, s in jobs]
+    if any(key not in _memo for key in keys):
+        _load_store()
+    missing = sorted({key for key in keys if key not in _memo})
+    folder = _store["folder"]
+    if missing and folder is not None:
+        from filelock import FileLock  # only with a store: the engine's other uses need no lock
+
+        os.makedirs(os.path.join(folder, ".locks"), exist_ok=True)
+        name = hashlib.blake2b(b"".join(missing), digest_size=16).hexdigest()
+        with FileLock(os.path.join(folder, ".locks", f"{name}.lock")):
+            _load_store()  # made by the process we waited for, if any
+            _fit_new(jobs, keys, n_jobs, min_parallel)
+    else:
+        _fit_new(jobs, keys, n_jobs, min_parallel)
+    out = []
+    for key in keys:
+        _memo.move_to_end(key)
+        out.append(_memo[key].copy())
     while len(_memo) > MEMO_SIZE:
         _memo.popitem(last=False)
     return out  # type: ignore[return-value]
