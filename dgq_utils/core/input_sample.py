@@ -39,11 +39,17 @@ class InputSample:
         self.rows: Tensor | None = None
         self.seen = 0
 
+    def close(self) -> None:
+        """No more rows will be added: drop the generator (the sample can then be deep-copied and pickled)."""
+        self.generator = None
+
     def __len__(self) -> int:
         return 0 if self.rows is None else int(self.rows.shape[0])
 
     def add(self, x: Tensor) -> None:
         """Offer every row of one call's input ``x`` (Linear: ``(..., I)``; Conv: ``(B, C, H, W)``)."""
+        if self.generator is None:
+            raise RuntimeError("InputSample.add after close(): the sample is final.")
         x = x.detach()
         if self.conv is None:
             m = x.numel() // x.shape[-1] if x.numel() else 0
