@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROMPTS = ["a red car parked in the city", "a blue house near a river"]
 S = SamplerSettings(num_inference_steps=2, batch_size=2, height=32, width=32)
-QUICK = {"iters": 20, "samples": 48, "batch_size": 16}
+QUICK = {"iters": 10, "samples": 48, "batch_size": 16}
 
 
 def _layer(seed, o=12, i=20, m=96, scale=0.1):
@@ -209,7 +209,7 @@ def _latents(pipe):
 def test_calibration_learns_rounding_saves_and_loads_it(pipe):
     observation_memo.clear()
     weight_memo.clear_weight_memo()
-    recipe = get_preset("dgq-w4a8-adaround").replace(weights={"adaround": QUICK})
+    recipe = get_preset("baseline-w4a8-adaround").replace(weights={"adaround": QUICK})  # no K-means: fast
     rep = quantize_pipeline(pipe, recipe, PROMPTS, S, 0, progress=False)
     wr = rep.calibration["weight_rounding"]
     qs = get_quant_state(pipe)
@@ -237,7 +237,7 @@ def test_calibration_learns_rounding_saves_and_loads_it(pipe):
     assert all(torch.equal(again[k], masks[k]) for k in masks)
     dequantize_pipeline(pipe)
     # W4A6 observes the same inputs: observation and every layer's rounding are reused, same masks
-    rep6 = quantize_pipeline(pipe, get_preset("dgq-w4a6-adaround").replace(weights={"adaround": QUICK}),
+    rep6 = quantize_pipeline(pipe, get_preset("baseline-w4a6-adaround").replace(weights={"adaround": QUICK}),
                              PROMPTS, S, 0, progress=False)
     assert rep6.calibration["observation_reused"] is True
     assert weight_memo.weight_memo_info()["rounding_hits"] >= len(masks)
@@ -247,13 +247,13 @@ def test_calibration_learns_rounding_saves_and_loads_it(pipe):
 
 def test_nearest_and_adaround_observations_are_kept_apart(pipe):
     observation_memo.clear()
-    quantize_pipeline(pipe, get_preset("dgq-w4a8"), PROMPTS, S, 0, progress=False)
+    quantize_pipeline(pipe, get_preset("baseline-w4a8"), PROMPTS, S, 0, progress=False)
     dequantize_pipeline(pipe)
-    rep = quantize_pipeline(pipe, get_preset("dgq-w4a8-adaround").replace(weights={"adaround": QUICK}),
+    rep = quantize_pipeline(pipe, get_preset("baseline-w4a8-adaround").replace(weights={"adaround": QUICK}),
                             PROMPTS, S, 0, progress=False)
     assert rep.calibration["observation_reused"] is False  # the nearest pass sampled no inputs
     dequantize_pipeline(pipe)
-    rep = quantize_pipeline(pipe, get_preset("dgq-w4a8-adaround").replace(weights={"adaround": {**QUICK, "seed": 1}}),
+    rep = quantize_pipeline(pipe, get_preset("baseline-w4a8-adaround").replace(weights={"adaround": {**QUICK, "seed": 1}}),
                             PROMPTS, S, 0, progress=False)
     assert rep.calibration["observation_reused"] is False  # another sample seed: other rows
 
