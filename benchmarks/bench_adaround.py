@@ -11,7 +11,7 @@ its calibration seconds show the reuse, not a second optimisation.
 Results go to ``benchmarks/results/adaround_cpu.json`` and ``.md`` (atomically).
 
     python benchmarks/bench_adaround.py [--family dgq|baseline] [--bits w4a8,w4a6] [--iters 300]
-        [--calib-prompts 8] [--prompts 6] [--steps 10] [--threads 1] [--out benchmarks/results/adaround_cpu]
+        [--calib-prompts 8] [--prompts 24] [--steps 10] [--threads 1] [--out benchmarks/results/adaround_cpu]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="w4a8,w4a6", help="comma-separated, e.g. w4a8 or w4a8,w4a6")
     ap.add_argument("--iters", type=int, default=300, help="AdaRound iterations per layer (config default 1000)")
     ap.add_argument("--calib-prompts", type=int, default=8)
-    ap.add_argument("--prompts", type=int, default=6, help="evaluation prompts (one seeded image each)")
+    ap.add_argument("--prompts", type=int, default=24, help="evaluation prompts (one seeded image each)")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps, calibration and generation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaround_cpu"))
@@ -127,8 +127,12 @@ def main(argv=None) -> int:
         a, n = by.get((bits, "adaround")), by.get((bits, "nearest"))
         if a and n:
             diff = np.array(a["psnr_per_image"]) - np.array(n["psnr_per_image"])
-            lines.append(f"* {bits}: PSNR AdaRound - nearest = {diff.mean():+.2f} dB (per image: "
-                         f"{', '.join(f'{d:+.2f}' for d in diff)}); {int((diff > 0).sum())}/{len(diff)} images better.")
+            half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+            a["psnr_diff_vs_nearest"] = {"mean": round(float(diff.mean()), 3), "ci95": [
+                round(float(diff.mean() - half), 3), round(float(diff.mean() + half), 3)]}
+            lines.append(f"* {bits}: PSNR AdaRound - nearest (paired over images) = {diff.mean():+.2f} dB "
+                         f"[95 % CI {diff.mean() - half:+.2f}, {diff.mean() + half:+.2f}] (normal approximation); "
+                         f"{int((diff > 0).sum())}/{len(diff)} images better.")
     total = time.perf_counter() - t_all
     lines += ["", f"FP generation {fp_seconds:.1f} s; whole benchmark {total:.0f} s on {platform.processor() or platform.machine()}, "
               f"torch {torch.__version__}."]
