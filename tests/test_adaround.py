@@ -276,3 +276,15 @@ def test_weight_only_adaround_calibrates_and_a_state_without_masks_is_refused(pi
         save_file(tensors, f"{d}/m.safetensors", metadata=meta)
         with pytest.raises(QuantStateError, match=r"weight\.round_up' is missing"):
             load_quant_state(pipe, f"{d}/m.safetensors")
+
+
+def test_each_unet_call_is_sampled_once_whatever_the_upstream(pipe):
+    base = get_preset("baseline-w4a8-adaround").replace(weights={"adaround": QUICK})
+    seen = {}
+    for upstream in ("fp", "per_tensor_quantized"):
+        recipe = base.replace(name=f"b-{upstream}", activations={"calibration_upstream": upstream})
+        rep = quantize_pipeline(pipe, recipe, PROMPTS, S, 0, progress=False)
+        seen[upstream] = {n: d["seen"] for n, d in rep.calibration["weight_rounding"]["per_layer"].items()}
+        dequantize_pipeline(pipe)
+    # the official passes run the UNet 2-3 times per call; only the observing forward is sampled
+    assert seen["fp"] == seen["per_tensor_quantized"] and all(v > 0 for v in seen["fp"].values())

@@ -6,8 +6,8 @@ prompts. When the recipe asks for AdaRound, :func:`attach` gives every quantized
 ``adaround.seed`` plus the layer's position) which the layer feeds with its raw input on every forward of those
 passes -- so with the default ``calibration_upstream="fp"`` the inputs are those of the FP model (every quantizer
 off, FP weights), over all timesteps, both CFG halves and every calibration prompt. (With the official
-``"per_tensor_quantized"`` upstream they are the inputs of the per-tensor-quantized model, as in the official
-reconstruction, which also feeds quantized-model inputs.) No extra sampling pass is run; the observation memo
+``"per_tensor_quantized"`` upstream only the ``"observe_quant"`` forward of each call is sampled: the inputs of
+the per-tensor-quantized model, as in the official reconstruction, which also feeds quantized-model inputs.) No extra sampling pass is run; the observation memo
 keeps the samples with the statistics.
 
 What is optimised: :func:`reconstruct` runs :func:`~dgq_utils.core.adaround.adaround` per layer, independently
@@ -109,7 +109,7 @@ def reconstruct(qstate, samples: dict, *, notes: list | None = None) -> dict:
                                 sample.rows.to(w.device), symmetric=layer.weight_symmetric, **settings)
             layer.quantize_weight(scale=layer.weight_scale, zero_point=layer.weight_zp, bits=layer.weight_bits,
                                   symmetric=layer.weight_symmetric, round_up=res.round_up)
-            per_layer[name] = {"rows": len(sample), "loss_nearest": res.loss_nearest,
+            per_layer[name] = {"rows": len(sample), "seen": int(sample.seen), "loss_nearest": res.loss_nearest,
                                "loss_adaround": res.loss_adaround, "kept_nearest": res.kept_nearest,
                                "flipped": round(res.flipped, 6)}
     if skipped and notes is not None:

@@ -63,6 +63,7 @@ __all__ = ["LAYER_MODES", "QUANT_MODES", "ActQuantizer", "QuantConv2d", "QuantLi
 QUANT_MODES = ("off", "observe", "quant", "init", "observe_quant")
 LAYER_MODES = QUANT_MODES
 _QUANTIZING_MODES = ("quant", "init", "observe_quant")
+_OBSERVING_MODES = ("observe", "observe_quant")
 
 
 class ActQuantizer(nn.Module):
@@ -250,6 +251,7 @@ def _set_layer_mode(layer, mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; use one of {LAYER_MODES}.")
     if layer.act is not None:
         layer.act.mode = mode
+    layer.mode = mode
     layer.use_quantized_weight = mode in _QUANTIZING_MODES and layer.weight_quantized
 
 
@@ -270,9 +272,11 @@ class _QuantLayerMixin:
         #: bool mask, weight-shaped: learned rounding (AdaRound; ``True`` = the level above ``floor(w / s)``), or
         #: ``None`` for round-to-nearest
         self.weight_round_up: Tensor | None = None
-        #: an :class:`~dgq_utils.core.input_sample.InputSample` fed with this layer's raw input on every forward
-        #: while set (calibration sets it for weight reconstruction), else ``None``
+        #: an :class:`~dgq_utils.core.input_sample.InputSample` fed with this layer's raw input on every forward in
+        #: an observing mode (``"observe"`` / ``"observe_quant"``) while set (calibration sets it for weight
+        #: reconstruction), else ``None``
         self.capture = None
+        self.mode = "off"
         self.use_quantized_weight = False
         self.enabled = True
         #: ``"auto"`` (default): cache the fake-quantized weight on the CPU, recompute it per forward on a GPU
@@ -375,7 +379,7 @@ class QuantLinear(_QuantLayerMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
-        if self.capture is not None:
+        if self.capture is not None and self.mode in _OBSERVING_MODES:
             self.capture.add(x)
         if self.act is not None:
             x = self.act(x)
@@ -411,7 +415,7 @@ class QuantConv2d(_QuantLayerMixin, nn.Module):
         conv = self._original[0]
         if not self.enabled:
             return conv._conv_forward(x, self.weight, self.bias)
-        if self.capture is not None:
+        if self.capture is not None and self.mode in _OBSERVING_MODES:
             self.capture.add(x)
         act = self.act
         if self.layout == "unfold" and act is not None and act.mode != "off":
