@@ -35,7 +35,9 @@ from dgq_utils.core.quantizers import check_bits, qrange
 
 __all__ = [
     "AdaRoundResult",
+    "SoftRounding",
     "adaround",
+    "optimise_rounding",
     "beta_at",
     "fake_quant_rounded",
     "nearest_round_up",
@@ -126,6 +128,46 @@ def output_error(x: Tensor, w_q: Tensor, w: Tensor) -> float:
     return out / max(1, x.shape[0])
 
 
+class SoftRounding:
+    """The rounding variables of one weight: ``alpha`` (a leaf tensor to optimise), started where the soft
+    rounding equals the fractional part of ``W / s``; :meth:`weight` is the soft-quantized weight (differentiable
+    in ``alpha``), :meth:`regulariser` the rounding regulariser, :meth:`round_up` the hard decision."""
+
+    def __init__(self, w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, *, symmetric: bool = False):
+        self.shape = w.shape
+        self.bits, self.symmetric = int(bits), bool(symmetric)
+        self.wd, self.s, self.z, self.qmin, self.qmax = _grid(w, scale, zero_point, bits, symmetric)
+        t = self.wd / self.s
+        self.base = torch.floor(t)
+        self.alpha = _alpha_init(t - self.base).requires_grad_(True)
+
+    def weight(self) -> Tensor:
+        h = soft_rounding(self.alpha)
+        return self.s * (torch.clamp(self.base + h + self.z, self.qmin, self.qmax) - self.z)
+
+    def regulariser(self, beta: float) -> Tensor:
+        return (1.0 - (2.0 * soft_rounding(self.alpha) - 1.0).abs().pow(beta)).sum()
+
+    def round_up(self) -> Tensor:
+        return (self.alpha.detach() >= 0).reshape(self.shape)
+
+
+def optimise_rounding(softs, reconstruction_loss, *, iters: int = 1000, lr: float = 1e-2, reg_weight: float = 0.01,
+                      beta_start: float = 20.0, beta_end: float = 2.0, warmup: float = 0.2) -> None:
+    """Adam on the ``alpha`` of every :class:`SoftRounding` in ``softs`` jointly, minimising
+    ``reconstruction_loss(it)`` (a scalar tensor computed with the soft weights at iteration ``it``) plus the
+    annealed rounding regulariser of all of them (off during the warm-up). Leaves the learned ``alpha`` in place."""
+    opt = torch.optim.Adam([sr.alpha for sr in softs], lr=lr)
+    for it in range(int(iters)):
+        loss = reconstruction_loss(it)
+        beta = beta_at(it, int(iters), beta_start, beta_end, warmup)
+        if beta is not None and reg_weight > 0:
+            loss = loss + reg_weight * sum(sr.regulariser(beta) for sr in softs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def adaround(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, x: Tensor, *, symmetric: bool = False,
              iters: int = 1000, lr: float = 1e-2, batch_size: int = 64, reg_weight: float = 0.01,
              beta_start: float = 20.0, beta_end: float = 2.0, warmup: float = 0.2, seed: int = 0,
@@ -138,34 +180,24 @@ def adaround(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, x: Tensor,
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"adaround needs a non-empty (rows, features) input; got shape {tuple(x.shape)}.")
     shape = w.shape
-    wd, s, z, qmin, qmax = _grid(w, scale, zero_point, bits, symmetric)
-    w2, s2 = wd.reshape(shape[0], -1), s.expand(shape).reshape(shape[0], -1)
-    z2 = z.expand(shape).reshape(shape[0], -1) if z.ndim else z
+    sr = SoftRounding(w, scale, zero_point, bits, symmetric=symmetric)
+    w2 = sr.wd.reshape(shape[0], -1)
     if x.shape[1] != w2.shape[1]:
         raise ValueError(f"adaround: input rows have {x.shape[1]} features, the weight {w2.shape[1]}.")
-    xd = x.detach().to(device=w.device, dtype=wd.dtype)
-    base = torch.floor(w2 / s2)
-    frac = w2 / s2 - base
-    alpha = _alpha_init(frac).requires_grad_(True)
-    opt = torch.optim.Adam([alpha], lr=lr)
+    xd = x.detach().to(device=w.device, dtype=sr.wd.dtype)
     gen = torch.Generator().manual_seed(int(seed))
     m = xd.shape[0]
     bs = min(int(batch_size), m)
-    for it in range(int(iters)):
-        idx = torch.randint(0, m, (bs,), generator=gen).to(xd.device)
-        xb = xd.index_select(0, idx)
-        h = soft_rounding(alpha)
-        w_soft = s2 * (torch.clamp(base + h + z2, qmin, qmax) - z2)
-        rec = (xb @ (w_soft - w2).T).pow(2).sum(dim=1).mean()
-        beta = beta_at(it, int(iters), beta_start, beta_end, warmup)
-        loss = rec
-        if beta is not None and reg_weight > 0:
-            loss = rec + reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def rec(it):
+        xb = xd.index_select(0, torch.randint(0, m, (bs,), generator=gen).to(xd.device))
+        return (xb @ (sr.weight().reshape(shape[0], -1) - w2).T).pow(2).sum(dim=1).mean()
+
+    optimise_rounding([sr], rec, iters=iters, lr=lr, reg_weight=reg_weight, beta_start=beta_start,
+                      beta_end=beta_end, warmup=warmup)
     with torch.no_grad():
-        up = (alpha.detach() >= 0).reshape(shape)
+        up = sr.round_up()
+        wd, s, z = sr.wd, sr.s, sr.z
         near = nearest_round_up(wd, s.expand(shape))
         w_near = fake_quant_rounded(wd, s, z, bits, near, symmetric=symmetric)
         w_ada = fake_quant_rounded(wd, s, z, bits, up, symmetric=symmetric)
