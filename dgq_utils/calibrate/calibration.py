@@ -165,8 +165,7 @@ def calibrate(
         observation_memo.restore(seen, qstate)
         samples = dict(seen.inputs)
     else:
-        if reconstruct:
-            reconstruction.attach(qstate)
+        handles = reconstruction.attach(qstate, pipe.unet) if reconstruct else []
         try:
             with stage("observe", recipe=recipe.name, n=len(prompts)), \
                     Trace(pipe, sampler, seed, controller=controller, progress=progress,
@@ -175,7 +174,7 @@ def calibrate(
         finally:
             controller.callback = None
             _set_all_modes(qstate, "off")
-            samples = reconstruction.detach(qstate) if reconstruct else {}
+            samples = reconstruction.detach(qstate, handles) if reconstruct else {}
         observation_memo.remember(memo_key, qstate, inputs=samples)
     controller.finish_calibration()
     t_passes = time.perf_counter()
@@ -199,7 +198,7 @@ def calibrate(
     t_finalize = time.perf_counter()
     weight_rounding = {"rounding": "nearest"}
     if reconstruct:
-        weight_rounding = reconstruction.reconstruct(qstate, samples, notes=notes)
+        weight_rounding = reconstruction.reconstruct(qstate, samples, unet=pipe.unet, notes=notes)
     del samples
 
     _set_all_modes(qstate, "quant")

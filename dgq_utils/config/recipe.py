@@ -223,6 +223,10 @@ class AdaRoundConfig(_ConfigMixin):
       default here (1,000 at lr 1e-2 on 64 rows) moves the rounding variables about as far at 1/20 of the cost.
     * ``keep_better``: if the learned hard rounding reconstructs the layer's sampled outputs worse than nearest
       rounding, keep nearest (guards short runs; ``False`` keeps the learned rounding regardless).
+    * ``granularity``: ``"layer"`` (each layer on its own, the default) or ``"block"`` (BRECQ-style, as in the
+      official SD code: the rounding of every quantized layer inside one ``ResnetBlock2D`` /
+      ``BasicTransformerBlock`` is learned jointly to reconstruct the block's output, on ``block_calls`` whole
+      calibration calls of the block kept per block; layers outside such blocks are reconstructed layer-wise).
     """
 
     iters: int = 1000
@@ -235,9 +239,15 @@ class AdaRoundConfig(_ConfigMixin):
     warmup: float = 0.2
     seed: int = 0
     keep_better: bool = True
+    granularity: str = "layer"  # "layer" | "block"
+    block_calls: int = 8
+
+    GRANULARITIES: ClassVar[tuple] = ("layer", "block")
 
     def __post_init__(self):
         o = "AdaRoundConfig"
+        _check_choice(o, "granularity", self.granularity, self.GRANULARITIES)
+        _check_int(o, "block_calls", self.block_calls, 1)
         _check_int(o, "iters", self.iters, 1)
         _check_real(o, "lr", self.lr, minimum=0.0, open_min=True, hint="Adam's learning rate, e.g. 1e-2.")
         _check_int(o, "batch_size", self.batch_size, 1)

@@ -277,6 +277,9 @@ class _QuantLayerMixin:
         #: reconstruction), else ``None``
         self.capture = None
         self.mode = "off"
+        #: a callable returning the weight to use instead of any other (block reconstruction's soft-rounded
+        #: weight, differentiable), or ``None``
+        self.soft_weight = None
         self.use_quantized_weight = False
         self.enabled = True
         #: ``"auto"`` (default): cache the fake-quantized weight on the CPU, recompute it per forward on a GPU
@@ -356,6 +359,8 @@ class _QuantLayerMixin:
         _set_layer_mode(self, mode)
 
     def _weight(self) -> Tensor:
+        if self.soft_weight is not None:
+            return self.soft_weight()
         if not self.use_quantized_weight:
             return self.weight
         if self.weight_fq is not None:
