@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--family", default="dgq", choices=["dgq", "baseline"])
     ap.add_argument("--bits", default="w4a8,w4a6", help="comma-separated, e.g. w4a8 or w4a8,w4a6")
     ap.add_argument("--iters", type=int, default=300, help="AdaRound iterations per layer (config default 1000)")
+    ap.add_argument("--granularity", default="layer", choices=["layer", "block"],
+                    help="AdaRound per layer, or BRECQ-style per ResnetBlock2D / BasicTransformerBlock")
     ap.add_argument("--calib-prompts", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=24, help="evaluation prompts (one seeded image each)")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps, calibration and generation")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
             name = f"{args.family}-{wa}" + ("-adaround" if rounding == "adaround" else "")
             recipe = get_preset(name)
             if rounding == "adaround":
-                recipe = recipe.replace(weights={"adaround": {"iters": args.iters}})
+                recipe = recipe.replace(weights={"adaround": {"iters": args.iters, "granularity": args.granularity}})
             t = time.perf_counter()
             rep = quantize_pipeline(pipe, recipe, calib, sampler, 0, progress=False)
             cal_s = time.perf_counter() - t
@@ -88,10 +90,13 @@ def main(argv=None) -> int:
                    "observation_reused": bool(cal.get("observation_reused")),
                    "psnr_db": round(float(np.mean(psnr)), 3), "psnr_per_image": [round(float(v), 3) for v in psnr]}
             if rounding == "adaround":
+                row.update(blocks=wr.get("blocks", 0), block_layers=wr.get("block_layers", 0),
+                           block_err_nearest=wr.get("block_loss_nearest", 0.0),
+                           block_err_adaround=wr.get("block_loss_adaround", 0.0))
                 per = wr["per_layer"].values()
                 ratios = [d["loss_adaround"] / d["loss_nearest"] for d in per if d["loss_nearest"] > 0]
                 row.update(layer_err_nearest=wr["loss_nearest"], layer_err_adaround=wr["loss_adaround"],
-                           layer_err_ratio_median=round(statistics.median(ratios), 4),
+                           layer_err_ratio_median=round(statistics.median(ratios), 4) if ratios else float("nan"),
                            layers=wr["layers"], kept_nearest=wr["kept_nearest"])
             rows.append(row)
             print(f"{name:28s} cal {cal_s:7.1f} s  adaround {row['adaround_s']:6.1f} s  PSNR {row['psnr_db']:.2f} dB",
@@ -102,13 +107,16 @@ def main(argv=None) -> int:
         f"# AdaRound vs round-to-nearest (MSE-searched grid), embedded model, CPU ({args.threads} thread)",
         "",
         f"`python benchmarks/bench_adaround.py --family {args.family} --bits {args.bits} --iters {args.iters} "
+        f"--granularity {args.granularity} "
         f"--calib-prompts {args.calib_prompts} --prompts {args.prompts} --steps {args.steps} "
         f"--threads {args.threads}`",
         "",
         f"{args.calib_prompts} calibration prompts, {args.steps} PNDM steps, guidance 7.5; {args.prompts} evaluation "
         f"prompts, one seeded 64x64 image each, PSNR vs FP (mean over images). Layer error: sum over the "
         f"{rows[0].get('layers', '?') if rows else '?'} quantized layers of mean_rows ||x (W_q - W)^T||^2 on the "
-        "sampled calibration inputs (the rows AdaRound was fitted on), nearest vs learned rounding.",
+        "sampled calibration inputs (the rows AdaRound was fitted on), nearest vs learned rounding"
+        + (" -- for the layers reconstructed layer-wise; block error: sum over blocks of the block-output error "
+           "on the sampled block calls." if args.granularity == "block" else "."),
         "",
         "| recipe | rounding | calibration s | of which AdaRound s | layer error (nearest -> learned) | "
         "median layer ratio | PSNR vs FP dB |",
@@ -123,6 +131,10 @@ def main(argv=None) -> int:
         lines.append(f"| {r['recipe']} | {r['rounding']} | {r['calibration_s']}{reused} | {r['adaround_s']} | "
                      f"{err} | {ratio} | {r['psnr_db']:.2f} |")
     lines.append("")
+    for r in rows:
+        if r["rounding"] == "adaround" and r.get("blocks"):
+            lines.append(f"* {r['recipe']}: {r['blocks']} blocks ({r['block_layers']} layers) reconstructed jointly; "
+                         f"block error {r['block_err_nearest']:.4g} -> {r['block_err_adaround']:.4g}.")
     for bits in dict.fromkeys(r["bits"] for r in rows):
         a, n = by.get((bits, "adaround")), by.get((bits, "nearest"))
         if a and n:
