@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (see README):
-#   make report   # the main job: the notebook chain on the embedded default model
+#   make report   # the main job: the notebook chain on the embedded default model (into outputs/runs/<settings>/)
 #   make test     # the test suite (fast tests; `make test-slow` adds the slow ones)
 # Both create/update the virtual environment in .venv first. `make lab` opens the notebooks in JupyterLab to
 # explore them (the widgets of 01 and 03).
@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dgq-installed
 
-.PHONY: env test test-slow report report-quick lab demo bench clean
+.PHONY: env test test-slow report report-quick publish lab demo bench clean
 
 env: $(STAMP)
 
@@ -32,6 +32,10 @@ report: $(STAMP)
 
 report-quick: $(STAMP)
 	$(PY) -m dgq_utils.report --quick $(ARGS)
+
+# make one run folder the committed figures/ and results/ (results/RUN.json says which): make publish RUN=outputs/runs/...
+publish: $(STAMP)
+	$(PY) -m dgq_utils.report.publish $(RUN) $(ARGS)
 
 # JupyterLab on the notebooks folder (the venv's kernel; extra options via ARGS, e.g. ARGS=--no-browser)
 lab: $(STAMP)

@@ -227,12 +227,12 @@ def dynamo_counts() -> dict:
 
 
 @torch.no_grad()
-def time_generation(pipe, batch: int, steps: int) -> float:
+def time_generation(pipe, batch: int, steps: int, unet=None) -> float:
     device = pipe.device
     sync(device)
     t0 = time.perf_counter()
     pipe(prompt=prompts(batch), num_inference_steps=steps, guidance_scale=7.5,
-         generator=torch.Generator().manual_seed(0))
+         generator=torch.Generator().manual_seed(0), unet=unet)
     sync(device)
     return round(time.perf_counter() - t0, 3)
 
@@ -334,14 +334,25 @@ def machine() -> dict:
     return m
 
 
-def compiled(unet):
+def compiled(unet, mode: str = "default"):
     import torch._dynamo
 
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
     counters.clear()
-    return torch.compile(unet, dynamic=False)
+    return torch.compile(unet, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def graphed(pipe):
+    """The UNet call replayed from CUDA graphs (``dgq_utils.quantize.graphs.CUDAGraphUNet``), or ``None``."""
+    if pipe.device.type != "cuda":
+        return None
+    try:
+        from dgq_utils.quantize.graphs import CUDAGraphUNet
+    except ImportError:  # pragma: no cover - before CUDA graphs existed
+        return None
+    return CUDAGraphUNet(pipe)
 
 
 def bench_variant(run: Run, pipe, tag: str, slot: dict):
@@ -352,16 +363,64 @@ def bench_variant(run: Run, pipe, tag: str, slot: dict):
                                                                  a.step_calls))
     slot["generation_s"] = run.section(f"{tag} {a.steps}-step generation batch {a.gen_batch}",
                                        lambda: time_generation(pipe, a.gen_batch, a.steps))
+    if a.graphs and pipe.device.type == "cuda":
+        slot["graph"] = run.section(f"{tag} CUDA graphs", lambda: bench_graphs(pipe, a), need_s=20)
     run.save()
 
 
-def bench_compiled(run: Run, pipe, tag: str, slot: dict):
-    """``torch.compile(unet)`` at the compile batches: first-call time, steps, graph breaks, recompiles across
-    the timesteps of the trajectory, relative L2 of compiled vs eager output."""
+def bench_graphs(pipe, a) -> dict:
+    """Steps and generation replayed from CUDA graphs (one capture per batch shape), with the relative L2 of the
+    graphed output vs eager for the first call of a trajectory."""
+    g = graphed(pipe)
+    info = {}
+    for b in a.batches:
+        ref = first_output(pipe, pipe.unet, b, a.steps)
+        got = first_output(pipe, g, b, a.steps)  # captures this shape
+        info[f"rel_l2_vs_eager_b{b}"] = rel_l2(got, ref)
+        info[f"b{b}"] = time_steps(pipe, g, b, a.steps, a.warmup_calls, a.step_calls)
+    sync(pipe.device)
+    t0 = time.perf_counter()
+    pipe(prompt=prompts(a.gen_batch), num_inference_steps=a.steps, guidance_scale=7.5,
+         generator=torch.Generator().manual_seed(0), unet=g)
+    sync(pipe.device)
+    info["generation_s_incl_capture"] = round(time.perf_counter() - t0, 3)
+    info["generation_s"] = time_generation(pipe, a.gen_batch, a.steps, unet=g)
+    info["captures"] = g.captures
+    info["memory_with_graphs_mib"] = mem_mib(pipe.device)
+    g.reset()
+    del g
+    torch.cuda.empty_cache()
+    return info
+
+
+def bench_channels_last(pipe, a) -> dict:
+    """Eager (and graphed) step at the largest batch with the UNet's weights in channels-last memory format
+    (cuDNN's NHWC kernels without NCHW <-> NHWC conversions); the UNet is put back afterwards."""
+    unet = pipe.unet
+    b = max(a.batches)
+    ref = first_output(pipe, unet, b, a.steps)
+    unet.to(memory_format=torch.channels_last)
+    try:
+        info = {"rel_l2_vs_eager": rel_l2(first_output(pipe, unet, b, a.steps), ref),
+                f"eager_b{b}": time_steps(pipe, unet, b, a.steps, a.warmup_calls, a.step_calls)}
+        g = graphed(pipe)
+        if g is not None:
+            first_output(pipe, g, b, a.steps)
+            info[f"graph_b{b}"] = time_steps(pipe, g, b, a.steps, a.warmup_calls, a.step_calls)
+            g.reset()
+    finally:
+        unet.to(memory_format=torch.contiguous_format)
+        torch.cuda.empty_cache()
+    return info
+
+
+def bench_compiled(run: Run, pipe, tag: str, slot: dict, mode: str = "default"):
+    """``torch.compile(unet, mode=mode)`` at the compile batches: first-call time, steps, graph breaks, recompiles
+    across the timesteps of the trajectory, relative L2 of compiled vs eager output."""
     a = run.args
 
     def comp():
-        cu = compiled(pipe.unet)
+        cu = compiled(pipe.unet, mode)
         info = {}
         for b in a.compile_batches:
             t = time.perf_counter()
@@ -377,7 +436,8 @@ def bench_compiled(run: Run, pipe, tag: str, slot: dict):
         info["recompiles"] = max(0, info["unique_graphs"] - len(a.compile_batches))
         return info
 
-    slot["compiled"] = run.section(f"{tag} torch.compile", comp, need_s=a.compile_need_s)
+    key = "compiled" if mode == "default" else f"compiled_{mode}"
+    slot[key] = run.section(f"{tag} torch.compile mode={mode}", comp, need_s=a.compile_need_s)
     run.save()
 
 
@@ -403,6 +463,11 @@ def run_all(args) -> dict:
     reset_peak(device)
     bench_variant(run, pipe, "fp", fp)
     fp["peak_mib"] = peak_mib(device)
+    if "fp" in args.profile_presets:
+        run.res["profile"]["fp"] = run.section("fp profile", lambda: profile_step(pipe, max(args.batches),
+                                                                                  args.steps))
+    if args.channels_last and device.type == "cuda":
+        fp["channels_last"] = run.section("fp channels-last", lambda: bench_channels_last(pipe, args), need_s=20)
 
     tmp = tempfile.TemporaryDirectory(prefix="dgq_bench_")
     states = {}
@@ -423,10 +488,13 @@ def run_all(args) -> dict:
         bench_variant(run, pipe, name, slot)
         slot["memory_after_generation_mib"] = mem_mib(device)
         slot["peak_inference_mib"] = peak_mib(device)
-        if name == args.profile_preset:
+        if name in args.profile_presets:
             run.res["profile"][name] = run.section(f"{name} profile", lambda: profile_step(pipe, max(args.batches),
                                                                                            args.steps))
             run.save()
+        if args.channels_last and device.type == "cuda" and name in args.profile_presets:
+            slot["channels_last"] = run.section(f"{name} channels-last", lambda: bench_channels_last(pipe, args),
+                                                need_s=20)
         for n in cal_sizes[1:]:
             if name not in args.calib_presets:
                 break
@@ -442,17 +510,18 @@ def run_all(args) -> dict:
         release_attention_workspace()
         run.save()
     if args.compile:
-        if args.fp_compile:
-            bench_compiled(run, pipe, "fp", fp)
-        for name in args.compile_presets:
-            if name not in states:
-                continue
-            if run.time_left() < args.compile_need_s:
-                run.res["skipped"].append(f"{name} torch.compile")
-                continue
-            load_quant_state(pipe, states[name])
-            bench_compiled(run, pipe, name, run.res["presets"][name])
-            dequantize_pipeline(pipe)
+        for mode in args.compile_modes:
+            if args.fp_compile:
+                bench_compiled(run, pipe, "fp", fp, mode)
+            for name in args.compile_presets:
+                if name not in states:
+                    continue
+                if run.time_left() < args.compile_need_s:
+                    run.res["skipped"].append(f"{name} torch.compile mode={mode}")
+                    continue
+                load_quant_state(pipe, states[name])
+                bench_compiled(run, pipe, name, run.res["presets"][name], mode)
+                dequantize_pipeline(pipe)
     tmp.cleanup()
     run.save()
     return run.res
@@ -486,9 +555,11 @@ def calibrate_once(pipe, name: str, n: int, args, device) -> dict:
     cal = report.calibration
     out = {"prompts": n, "wall_s": round(wall, 2), "calibrate_s": cal.get("seconds"),
            "memory_before_mib": before, "memory_after_mib": mem_mib(device), "peak_mib": peak_mib(device)}
-    for k in ("seconds_passes", "seconds_finalize"):
+    for k in ("seconds_passes", "seconds_finalize", "seconds_groups"):
         if k in cal:
             out[k] = cal[k]
+    if cal.get("seconds") is not None:  # layer swap + weight range search (+ the report)
+        out["install_s"] = round(wall - cal["seconds"], 2)
     return out
 
 
@@ -518,6 +589,9 @@ def summarize(res: dict) -> dict:
         row = {"eager_vs_fp": round(e / fpe, 3) if e and fpe else None,
                "compiled_vs_fp_compiled": round(c / fpc, 3) if c and fpc else None,
                "memory_vs_fp": round(held / fpm, 3) if held and fpm else None}
+        for mode, (got, ref) in _modes(slot, fp, big).items():  # the other execution modes, informative
+            row[f"{mode}_vs_fp_same_mode"] = round(got / ref, 3) if got and ref else None
+            row[f"{mode}_vs_fp_eager"] = round(got / fpe, 3) if got and fpe else None
         cal = res.get("calibration", {}).get(name, {})
         pts = sorted((int(k), v["wall_s"]) for k, v in cal.items())
         if len(pts) >= 2:
@@ -539,6 +613,31 @@ def summarize(res: dict) -> dict:
         }
         s[name] = row
     return s
+
+
+#: execution modes of the modes table: name -> where its step median sits in a slot ({b}: the batch)
+MODES = {
+    "eager": ("eager_b{b}",),
+    "CUDA graphs": ("graph", "b{b}"),
+    "channels-last eager": ("channels_last", "eager_b{b}"),
+    "channels-last CUDA graphs": ("channels_last", "graph_b{b}"),
+    "compiled": ("compiled", "b{b}"),
+    "compiled reduce-overhead": ("compiled_reduce-overhead", "b{b}"),
+}
+
+
+def _mode_ms(slot: dict, mode: str, b: int):
+    return _get(slot, *[k.format(b=b) for k in MODES[mode]], "median_ms")
+
+
+def _modes(slot: dict, fp: dict, b: int) -> dict:
+    """mode -> (this variant's step, FP's step in the same mode), for the modes this variant was measured in."""
+    out = {}
+    for mode in MODES:
+        got = _mode_ms(slot, mode, b)
+        if got is not None and mode != "eager":
+            out[mode.replace(" ", "_")] = (got, _mode_ms(fp, mode, b))
+    return out
 
 
 def _f(v, nd=1):
@@ -586,14 +685,47 @@ def markdown(res: dict) -> str:
     row("FP", fp, fp.get("memory_mib"), fp.get("peak_mib"))
     for name, slot in res["presets"].items():
         row(name, slot, _get(slot, "calibration", "memory_after_mib"), slot.get("peak_inference_mib"))
+    variants = [("FP", fp)] + list(res["presets"].items())
+    measured = [m for m in MODES if any(_mode_ms(sl, m, big) is not None for _, sl in variants)]
+    if len(measured) > 1:
+        lines += ["", f"## Execution modes at batch 2×{big} (UNet step, ms; ratio to FP in the same mode, and to "
+                  "FP eager)", "", "| recipe | " + " | ".join(measured) + " |", "|---|" + "---|" * len(measured)]
+        for name, sl in variants:
+            cells = []
+            for mode in measured:
+                got, ref = _mode_ms(sl, mode, big), _mode_ms(fp, mode, big)
+                if got is None:
+                    cells.append("–")
+                elif name == "FP":
+                    cells.append(f"{got:.1f} ({got / fpe:.2f}× eager)" if fpe and mode != "eager" else f"{got:.1f}")
+                else:
+                    same = f"{got / ref:.2f}×" if ref else "–"
+                    cells.append(f"{got:.1f} ({same}; {got / fpe:.2f}× FP eager)" if fpe else f"{got:.1f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        gr = [(name, sl["graph"]) for name, sl in variants if isinstance(sl.get("graph"), dict)]
+        if gr:
+            lines += ["", "CUDA graphs (`dgq_utils.quantize.graphs.CUDAGraphUNet`): " + "; ".join(
+                f"{name}: relative L2 vs eager {max(v for k, v in g.items() if k.startswith('rel_l2')):.1e}, "
+                f"{st['steps']}-step generation {_f(g.get('generation_s'), 2)} s"
+                f" ({_f(g.get('memory_with_graphs_mib'))} MiB held with the graphs)" for name, g in gr) + "."]
+        ro = [(name, sl["compiled_reduce-overhead"]) for name, sl in variants
+              if isinstance(sl.get("compiled_reduce-overhead"), dict)]
+        if ro:
+            lines += ["", "`torch.compile(mode='reduce-overhead')`: " + "; ".join(
+                f"{name}: rel. L2 vs eager {_f(c.get('rel_l2_vs_eager'), 4)}, graph breaks {c.get('graph_breaks')}, "
+                f"recompiles {c.get('recompiles')}, first call {_f(c.get(f'first_call_b{big}_s'))} s"
+                for name, c in ro) + "."]
     if res["calibration"]:
         lines += ["", "## Calibration (quantize_pipeline wall time, s)", "",
-                  "| recipe | prompts | wall | calibrate | passes | finishing | peak (MiB) | held after (MiB) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| recipe | prompts | wall | layer swap + weight search | calibrate | passes | finishing | "
+                  "of which K-means | peak (MiB) | held after (MiB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, per in res["calibration"].items():
             for n, c in sorted(per.items(), key=lambda kv: int(kv[0])):
-                lines.append(f"| {name} | {n} | {_f(c['wall_s'], 2)} | {_f(c.get('calibrate_s'), 2)} | "
+                lines.append(f"| {name} | {n} | {_f(c['wall_s'], 2)} | {_f(c.get('install_s'), 2)} | "
+                             f"{_f(c.get('calibrate_s'), 2)} | "
                              f"{_f(c.get('seconds_passes'), 2)} | {_f(c.get('seconds_finalize'), 2)} | "
+                             f"{_f(c.get('seconds_groups'), 2)} | "
                              f"{_f(c.get('peak_mib'))} | {_f(c.get('memory_after_mib'))} |")
     summ = res.get("summary", {})
     if summ:
@@ -639,7 +771,14 @@ def parse_args(argv=None):
     p.add_argument("--compile-presets", nargs="+", default=list(PRESETS))
     p.add_argument("--compile-batches", nargs="+", type=int, default=None,
                    help="batches timed compiled (default: the largest of --batches; each shape compiles anew)")
-    p.add_argument("--profile-preset", default="dgq-w8a8")
+    p.add_argument("--profile-presets", nargs="+", default=["fp", "dgq-w8a8"],
+                   help="variants profiled (one UNet call at the largest batch); 'fp' for the FP UNet")
+    p.add_argument("--compile-modes", nargs="+", default=["default"],
+                   help="torch.compile modes measured: default, reduce-overhead (CUDA graphs), ...")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="skip the CUDA-graph replay (dgq_utils.quantize.graphs.CUDAGraphUNet) of every variant")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time FP and the profiled presets with channels-last weights (GPU)")
     p.add_argument("--deadline", type=float, default=1e9, help="seconds: skip sections that would not fit")
     p.add_argument("--compile-need-s", type=float, default=60.0)
     p.add_argument("--calib-need-s", type=float, default=60.0, help="expected seconds for 64 prompts")

@@ -6,6 +6,7 @@ one process or many (accelerate), with the identity and resume checks.
     python benchmarks/bench_sharded.py OUT --report                                 # table + scaling of all runs
     python benchmarks/bench_sharded.py OUT --tiny --device cpu --n-images 8         # CPU smoke test (seconds)
     torchrun --nproc_per_node 2 benchmarks/bench_sharded.py OUT --tiny --device cpu # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 2 benchmarks/bench_sharded.py OUT --one-device        # 2 processes on one GPU
 
 Model: :func:`dgq_utils.testing.sd_scale.build_sd15_pipeline` (SD v1.5 architecture, random weights, fp16 on
 GPUs). Per recipe (default ``fp`` and ``dgq-w8a8``), every rank: calibration once (rank 0 calibrates on
@@ -57,10 +58,14 @@ def digest(manifest) -> str:
 
 
 def run(args) -> dict:
-    shard = process_shard(args.device)
+    # --one-device: every rank on --device itself, the process group on gloo (NCCL refuses two ranks on one GPU)
+    shard = process_shard("cpu" if args.one_device else args.device)
     device = args.device
     if device.startswith("cuda") and shard.world_size > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard.rank))}"
+        if not args.one_device:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard.rank))}"
+        elif torch.device(device).index is None:  # set_device needs an index: the current device
+            device = f"cuda:{torch.cuda.current_device()}"
         torch.cuda.set_device(device)
     if device == "cpu":  # the same thread count in every run: CPU kernels are not bit-identical across counts
         torch.set_num_threads(args.threads)
@@ -74,7 +79,7 @@ def run(args) -> dict:
     settings = SamplerSettings(num_inference_steps=steps, guidance_scale=7.5, batch_size=args.batch_size)
     prompts = bench_prompts(args.n_images + args.n_calibration)
     calib, evalp = prompts[args.n_images:], prompts[:args.n_images]
-    result = {"world_size": shard.world_size, "device": torch.cuda.get_device_name() if device != "cpu" else
+    result = {"world_size": shard.world_size, "one_device": bool(args.one_device), "device": torch.cuda.get_device_name() if device != "cpu" else
               platform.processor() or "cpu", "dtype": str(dtype), "tiny": args.tiny, "steps": steps,
               "batch_size": args.batch_size, "n_images": args.n_images, "n_calibration": args.n_calibration,
               "build_s": round(build_s, 2), "recipes": {}}
@@ -100,7 +105,7 @@ def run(args) -> dict:
                                shard=shard, recipe=recipe, model_id="sd15-architecture-random", settings=settings,
                                progress=shard.is_main, on_image=on_image)
         gen_s = time.perf_counter() - t
-        counts = torch.tensor([len(written)], device=device if device != "cpu" else "cpu")
+        counts = torch.tensor([len(written)], device="cpu" if device == "cpu" or args.one_device else device)
         if shard.world_size > 1:
             torch.distributed.all_reduce(counts)
         n_new = int(counts.item())
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="run", help="names the run file (e.g. 'resume')")
     ap.add_argument("--die-rank", type=int, default=0)
     ap.add_argument("--die-after", type=int, default=None)
+    ap.add_argument("--one-device", action="store_true",
+                    help="every process on --device (gloo process group): N-process identity on one GPU")
     ap.add_argument("--report", action="store_true", help="only summarise the run files of OUT")
     args = ap.parse_args(argv)
     if args.report:

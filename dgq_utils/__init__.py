@@ -10,6 +10,8 @@ diffusers / torchao user expects (``load_pipeline`` like ``from_pretrained``, ``
     report = dgq.quantize_pipeline(pipe, recipe, calibration_prompts)
     image = pipe("a small red circle on the left", num_inference_steps=25).images[0]
     dgq.save_quant_state(pipe, "dgq-w8a6.safetensors")              # dgq.load_quant_state(fresh_pipe, ...)
+    # W8A8 recipes only: weights stored in 8 bits, integer (or fp8) GEMMs on a GPU -- one way, FP weights freed
+    # dgq.convert_to_8bit(pipe, backend="int8")
     result = dgq.generate_images(pipe, prompts, seeds, "cache", settings=dgq.SamplerSettings())
 
 and, for a whole evaluation, ``dgq.run_comparison(model, recipes, dgq.EvaluationSet(prompts, calibration),
@@ -56,6 +58,9 @@ _API = {
     "save_quant_state": "dgq_utils.quantize.state",
     "load_quant_state": "dgq_utils.quantize.state",
     "StateCache": "dgq_utils.quantize.cache",
+    "CUDAGraphUNet": "dgq_utils.quantize.graphs",
+    "convert_to_8bit": "dgq_utils.quantize.int8",
+    "EightBitReport": "dgq_utils.quantize.int8",
     # generate
     "generate_images": "dgq_utils.generate.images",
     "GenerationResult": "dgq_utils.generate.images",

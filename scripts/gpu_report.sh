@@ -4,10 +4,11 @@
 #   bash scripts/gpu_report.sh OUTDIR [report args...]
 #   e.g. bash scripts/gpu_report.sh $OUT -p device cuda -p n_prompts 2000 -p n_ablation 1000 -p batch_size 250
 #
-# Runs `python -m dgq_utils.report` with the arguments given, into OUTDIR/report (executed notebooks + HTML),
-# with the figures and tables written to the repository's figures/ and results/ as on any machine; then packs
-# figures/, results/ and the executed notebooks into OUTDIR/report.tgz.* (what the device tool brings back;
-# `cat report.tgz.* | tar xz` unpacks it),
+# Runs `python -m dgq_utils.report` with the arguments given, which writes into its run folder
+# outputs/runs/<settings>/ (figures, results, executed notebooks + HTML, run.json) as on any machine; then packs
+# outputs/runs and outputs/quick into OUTDIR/report.tgz.* (what the device tool brings back;
+# `cat report.tgz.* | tar xz` unpacks it; `python -m dgq_utils.report.publish outputs/runs/<run>` makes it the
+# committed set),
 # and logs nvidia-smi, the package versions and the wall time of the whole call to OUTDIR/env.txt.
 set -o pipefail
 OUTDIR=${1:?usage: gpu_report.sh OUTDIR [report args...]}
@@ -28,10 +29,10 @@ print('python', __import__('sys').version.split()[0], 'torch', torch.__version__
 } 2>&1 | tee "$OUTDIR/env.txt"
 # REPORT_TIMEOUT (s, default 560) stops the chain early enough that the packing below still runs inside the
 # device call's limit: a stopped chain still brings back what it finished (with rc 124).
-timeout "${REPORT_TIMEOUT:-560}" python3 -m dgq_utils.report --out outputs/report "$@" 2>&1 | tee "$OUTDIR/report.log"
+timeout "${REPORT_TIMEOUT:-560}" python3 -m dgq_utils.report "$@" 2>&1 | tee "$OUTDIR/report.log"
 rc=$?
 echo "report rc=$rc, wall $(( $(date +%s) - start )) s (wheel install included)" | tee -a "$OUTDIR/env.txt"
 # the device tool brings back files of at most 16 MiB: split the archive
-tar czf - figures results outputs/report outputs/quick 2>/dev/null | split -b 15m - "$OUTDIR/report.tgz."
+tar czf - outputs/runs outputs/quick 2>/dev/null | split -b 15m - "$OUTDIR/report.tgz."
 ls -la "$OUTDIR"
 exit $rc

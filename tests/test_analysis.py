@@ -53,14 +53,16 @@ def test_names_blocks_and_order():
     assert A.quantized_inputs(["conv_in", "a.conv1", "conv_out", "b.attn1.q"]) == ["a.conv1", "b.attn1.q"]
 
 
-def test_output_dirs_never_touch_the_repo_for_smoke_runs(tmp_path):
+def test_output_dirs_never_touch_the_repo_for_smoke_runs(tmp_path, monkeypatch):
     f, r = A.output_dirs(None, quick=True, kind="embedded")
     assert f == A.ROOT / "outputs" / "quick" / "figures" and r.name == "results"
     f, _ = A.output_dirs(None, quick=False, kind="tiny")
     assert f == A.ROOT / "outputs" / "tiny" / "figures"
     f, r = A.output_dirs(tmp_path / "x", quick=False, kind="embedded")
     assert f == tmp_path / "x" / "figures" and r.is_dir()
-    assert A.output_dirs(None, quick=False, kind="embedded")[0] == A.ROOT / "figures"
+    monkeypatch.setenv("DGQ_OUTPUT_DIR", str(tmp_path / "outputs"))  # a full run's folder: no empty one in outputs/
+    f, r = A.output_dirs(None, quick=False, kind="embedded", settings={"n_prompts": 64, "n_calibration": 16})
+    assert f.parent.parent == A.runs_dir() and f.parent.name.startswith("embedded-n64-c16-cpu-")  # never ROOT
 
 
 def test_write_table_is_deterministic_and_atomic(tmp_path):

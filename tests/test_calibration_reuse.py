@@ -61,6 +61,15 @@ def test_what_changes_the_observation_changes_the_key(pipe):
     assert _params(pipe, base.replace(name="x-no-start", attention={"keep_start_fp": False,
                                                                     "keep_start_key_fp": False}))[1] is False
     assert _params(pipe, base.replace(name="x-shared", per_timestep=False))[1] is False
+    # a static softmax scale records maxima a per-prompt one does not: another observation
+    observation_memo.clear()
+    assert _params(pipe, base)[1] is False
+    static = base.replace(name="x-static", attention={"scale": "static"})
+    fresh, reused = _params(pipe, static)
+    assert reused is False and any(k.endswith(".static") for k in fresh)
+    again, reused = _params(pipe, static.replace(name="x-static-2"))  # restored maxima: the same scales
+    assert reused is True
+    _same(fresh, again)
     # the official upstream observes a partly quantized model: never remembered
     observation_memo.clear()
     assert _params(pipe, "dgq-official-w8a6")[1] is False

@@ -85,3 +85,62 @@ def test_killed_calibration_leaves_no_worker_processes(sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _thread_counts(_chunk):
+    """In a worker: the thread count of every loaded OpenMP / BLAS runtime, and the OpenMP environment."""
+    from threadpoolctl import threadpool_info
+
+    return os.environ.get("OMP_NUM_THREADS"), sorted({i["num_threads"] for i in threadpool_info()})
+
+
+def _loky_workers() -> list[int]:
+    """This process's live loky worker processes."""
+    out = []
+    for p in _children(os.getpid()):
+        try:
+            if _alive(p) and b"LokyProcess" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def test_workers_run_one_thread_per_fit_from_their_start():
+    # 16 workers x 16 OpenMP threads on 16 CPUs made the GPU machine's K-means calibration crawl (the "stall")
+    from dgq_utils.core import kmeans
+
+    out = kmeans.run_in_workers(_thread_counts, [None, None], 2)
+    assert out == [("1", [1]), ("1", [1])]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to list child processes")
+def test_stalled_workers_raise_a_clear_error_and_are_stopped():
+    from dgq_utils.core import kmeans
+
+    t0 = time.monotonic()
+    with pytest.raises(kmeans.KMeansStalled, match=r"no chunk of fits in 1 s \(0 of 2 chunks done\).*"
+                                                  r"DGQ_KMEANS_JOBS=1.*DGQ_KMEANS_TIMEOUT"):
+        kmeans.run_in_workers(time.sleep, [60, 60], 2, timeout=1)
+    assert time.monotonic() - t0 < 30
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _loky_workers():
+        time.sleep(0.1)
+    assert not _loky_workers(), "the stalled workers were not stopped"
+    # the next call gets fresh workers
+    assert kmeans.run_in_workers(_thread_counts, [None], 2)[0][0] == "1"
+
+
+def test_stall_timeout_reads_the_environment(monkeypatch):
+    from dgq_utils.core import kmeans
+
+    monkeypatch.delenv("DGQ_KMEANS_TIMEOUT", raising=False)
+    assert kmeans.stall_timeout() == kmeans.STALL_TIMEOUT
+    monkeypatch.setenv("DGQ_KMEANS_TIMEOUT", "0")
+    assert kmeans.stall_timeout() is None
+    monkeypatch.setenv("DGQ_KMEANS_TIMEOUT", "12.5")
+    assert kmeans.stall_timeout() == 12.5
+    for bad in ("soon", "-1", "inf"):
+        monkeypatch.setenv("DGQ_KMEANS_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="DGQ_KMEANS_TIMEOUT"):
+            kmeans.stall_timeout()

@@ -36,6 +36,21 @@ def _calibrate(state_dir, out):
     out.put((len(cache.calibrated), len(cache.hits), path.read_bytes()))
 
 
+def _kmeans(store, out):
+    import numpy as np
+
+    from dgq_utils.core import kmeans
+
+    rng = np.random.default_rng(0)
+    jobs = [(rng.normal(size=(60, 2)).astype(np.float32), 4, 0) for _ in range(40)]
+    kmeans.set_store(store)
+    fitted = []
+    real = kmeans.kmeans_chunk
+    kmeans.kmeans_chunk = lambda chunk: fitted.append(len(chunk)) or real(chunk)
+    labels = kmeans.kmeans_many(jobs)
+    out.put((sum(fitted), np.concatenate(labels).tobytes()))
+
+
 def _run_two(target, args_a, args_b):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -66,6 +81,13 @@ def test_two_processes_make_each_image_once_and_agree_with_one_process(tmp_path)
     want = list(clean.manifest["sha256"])
     got = {len(sha_a): sha_a, len(sha_b): sha_b}
     assert got[6] == want and got[4] == want[:4]
+
+
+def test_two_processes_make_the_same_kmeans_fits_once(tmp_path):
+    (fit_a, lab_a), (fit_b, lab_b) = _run_two(_kmeans, (tmp_path,), (tmp_path,))
+    assert sorted([fit_a, fit_b]) == [0, 40]  # one process fitted, the other waited and read the store
+    assert lab_a == lab_b
+    assert len(list(tmp_path.glob("*.npz"))) == 1
 
 
 @pytest.mark.slow

@@ -55,12 +55,17 @@ from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampl
 from dgq_utils.config.validation import check_prompts, check_seed
 from dgq_utils.model.tokenizer import warn_unknown_words
 from dgq_utils.core.grouping import (
+    AXIS_RULES,
     AxisStats,
+    assign_groups,
     assign_groups_many,
     axis_scores,
+    axis_scores_many,
     decide_axis,
     params_view,
     per_index_qparams,
+    per_index_qparams_many,
+    prestart_kmeans_workers,
 )
 from dgq_utils.core.quantizers import uniform_qparams
 from dgq_utils.core.stats import axes_for, stats_to_host
@@ -69,7 +74,8 @@ from dgq_utils.timing import stage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationNotes", "calibrate", "finalize_act_quantizer", "needs_calibration"]
+__all__ = ["CalibrationNotes", "calibrate", "finalize_act_quantizer", "finalize_act_quantizer_reference",
+           "finalize_act_quantizers", "needs_calibration"]
 
 
 class CalibrationNotes(list):
@@ -166,11 +172,19 @@ def calibrate(
         samples = dict(seen.inputs)
     else:
         handles = reconstruction.attach(qstate, pipe.unet) if reconstruct else []
+        warm = None
+        if act_cfg is not None and act_cfg.granularity == "group":
+            fits = len(act_quantizers) * (int(num_inference_steps) + 1)  # about one fit per quantizer, UNet call
+
+            def warm(_batch=None):  # K-means workers started while the GPU observes (kept from their idle exit)
+                prestart_kmeans_workers(fits, act_cfg.grouping)
+
+            warm()
         try:
             with stage("observe", recipe=recipe.name, n=len(prompts)), \
                     Trace(pipe, sampler, seed, controller=controller, progress=progress,
                           desc=f"calibrating {recipe.name}") as trace:
-                trace.run(prompts)
+                trace.run(prompts, on_batch=warm)
         finally:
             controller.callback = None
             _set_all_modes(qstate, "off")
@@ -180,7 +194,8 @@ def calibrate(
     t_passes = time.perf_counter()
 
     notes = CalibrationNotes()
-    grouped, clamped = finalize_act_quantizers(act_quantizers, act_cfg, notes=notes)
+    timings: dict = {}
+    grouped, clamped = finalize_act_quantizers(act_quantizers, act_cfg, notes=notes, timings=timings)
     if act_cfg is not None and act_cfg.granularity == "group" and grouped and clamped == grouped:
         raise ValueError(
             f"num_groups={act_cfg.num_groups} is larger than the axis size of every grouped activation "
@@ -222,6 +237,7 @@ def calibrate(
         "seconds_passes": round(t_passes - t0, 3),
         "observation_reused": seen is not None,
         "seconds_finalize": round(t_finalize - t_passes, 3),
+        "seconds_groups": timings.get("seconds_groups", 0.0),
         "seconds_reconstruction": round(time.perf_counter() - t_finalize, 3),
         "weight_rounding": weight_rounding,
         "notes": list(notes),
@@ -239,15 +255,27 @@ def _jsonable(v):
 # ----------------------------------------------------------------------------------------------------------
 # statistics -> parameters
 # ----------------------------------------------------------------------------------------------------------
-def _choose_axis(st, cfg, layout: str) -> str:
+def _choose_axes(stats, cfg, layout: str) -> list[str]:
+    """The group axis of each of one quantizer's observed sets (``stats``: their :class:`TensorStats`), with the
+    axis rule's scores computed for all sets at once (:func:`~dgq_utils.core.grouping.axis_scores_many`)."""
     if cfg.axis != "auto":
-        return cfg.axis
-    if st.pixel is None:
-        return "channel"
-    if layout == "unfold" and cfg.axis_rule == "official_spread":
-        c, p = axis_scores(st.channel, st.pixel, "official_spread")
-        return "pixel" if p > c else "channel"  # official: last dim (= output positions) only if strictly larger
-    return decide_axis(st.channel, st.pixel, cfg.axis_rule)
+        return [cfg.axis] * len(stats)
+    out: list[str | None] = ["channel" if st.pixel is None else None for st in stats]
+    both = [j for j, a in enumerate(out) if a is None]
+    if not both:
+        return out  # type: ignore[return-value]
+    rule = "official_spread" if layout == "unfold" and cfg.axis_rule == "official_spread" else cfg.axis_rule
+    if AXIS_RULES.lookup(rule).forces is not None:
+        for j in both:
+            out[j] = decide_axis(stats[j].channel, stats[j].pixel, rule)
+        return out  # type: ignore[return-value]
+    c, p = axis_scores_many([stats[j].channel for j in both], [stats[j].pixel for j in both], rule)
+    for j, cj, pj in zip(both, c, p):
+        if layout == "unfold" and cfg.axis_rule == "official_spread":
+            out[j] = "pixel" if pj > cj else "channel"  # official: last dim (= output positions) only if larger
+        else:
+            out[j] = "channel" if cj > pj else "pixel"  # decide_axis: ties -> pixel
+    return out  # type: ignore[return-value]
 
 
 def finalize_act_quantizer(q: ActQuantizer, cfg, *, notes: list | None = None) -> tuple[int, int]:
@@ -255,13 +283,18 @@ def finalize_act_quantizer(q: ActQuantizer, cfg, *, notes: list | None = None) -
     return finalize_act_quantizers([q], cfg, notes=notes)
 
 
-def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
-                            n_jobs: int | None = None) -> tuple[int, int]:
+def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None, n_jobs: int | None = None,
+                            timings: dict | None = None) -> tuple[int, int]:
     """Set ``params`` of every quantizer for every set it observed; returns (#grouped sets, #clamped sets).
 
-    Per-tensor sets are finished at once; the grouped ones are planned first and their groups formed in one
-    :func:`~dgq_utils.core.grouping.assign_groups_many` call (the K-means fits of all layers and timesteps run in
-    parallel worker processes; same ids as one by one).
+    Batched per quantizer, with no per-set host work beyond the K-means fits: the statistics come to the host in
+    one copy (:func:`~dgq_utils.core.stats.stats_to_host`; K-means runs there anyway), the axis rule scores all
+    sets of a quantizer at once, the groups of all layers and timesteps are formed in one
+    :func:`~dgq_utils.core.grouping.assign_groups_many` call (K-means in parallel worker processes) and each
+    quantizer's per-index parameters in one :func:`~dgq_utils.core.grouping.per_index_qparams_many` call per
+    axis. The same float32 operations as one set at a time (:func:`finalize_act_quantizer_reference`), so the
+    same parameters bit for bit; sets are installed in set order. ``timings`` (a dict, optional) receives
+    ``seconds_groups`` (the grouping call, K-means fits) and ``fits`` (grouped sets).
     """
     grouped = clamped = 0
     quantizers = list(quantizers)
@@ -270,8 +303,12 @@ def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
     official = cfg.calibration_upstream == "per_tensor_quantized"
     # GPU statistics: checked for NaN / inf and copied to the host in one transfer (no per-set syncs below)
     stats_to_host([st for q in quantizers for st in q.stats.values()])
-    planned = []  # (quantizer, set index, observed stats, axis, AxisStats, k, requested k)
-    for q in quantizers:
+    pending: list[dict] = []  # per quantizer: set index -> (scale, zero point, info)
+    plans = []  # (quantizer index, axis, [(set index, stats, AxisStats)], k, requested k)
+    for qi, q in enumerate(quantizers):
+        done: dict = {}
+        pending.append(done)
+        tensor_sets, group_sets = [], []
         for i, st in sorted(q.stats.items()):
             if st.calls == 0:
                 continue
@@ -281,26 +318,99 @@ def finalize_act_quantizers(quantizers, cfg, *, notes: list | None = None,
                     continue  # official: 2-D inputs keep the per-tensor init of the first batch
                 use_ema = cfg.granularity == "per_tensor" and cfg.range_estimator == "ema"
                 lo, hi = (st.ema_min, st.ema_max) if use_ema else (st.min, st.max)
-                scale, zp = uniform_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), q.bits,
-                                            symmetric=cfg.symmetric, include_zero=True)
-                q.set_params(i, scale, zp, {"axis": "tensor", "k": 1, "requested_k": 1, "n": 1, "ids": None,
-                                            "source": "ema" if use_ema else "minmax"})
-                continue
-            axis = _choose_axis(st, cfg, q.layout)
+                tensor_sets.append((i, float(lo), float(hi), "ema" if use_ema else "minmax"))
+            else:
+                group_sets.append((i, st))
+        if tensor_sets:  # float32 0-d ranges, as torch.tensor(float) gives them
+            scale, zp = uniform_qparams(torch.tensor([t[1] for t in tensor_sets]),
+                                        torch.tensor([t[2] for t in tensor_sets]), q.bits,
+                                        symmetric=cfg.symmetric, include_zero=True)
+            for j, (i, _, _, source) in enumerate(tensor_sets):
+                done[i] = (scale[j], zp[j], {"axis": "tensor", "k": 1, "requested_k": 1, "n": 1, "ids": None,
+                                             "source": source})
+        if not group_sets:
+            continue
+        by_axis: dict[str, list] = {}
+        for (i, st), axis in zip(group_sets, _choose_axes([st for _, st in group_sets], cfg, q.layout)):
             stats: AxisStats | None = st.axis(axis)
             if stats is None:
                 raise ValueError(f"{q.name}: axis {axis!r} was requested but the input has no such axis "
                                  f"(input shape without batch: {st.shape}).")
+            by_axis.setdefault(axis, []).append((i, st, stats))
+        for axis, members in by_axis.items():
             k_req = int(cfg.num_groups)
-            k = min(k_req, stats.n)
-            grouped += 1
+            k = min(k_req, members[0][2].n)  # one input shape per quantizer: one n per axis
+            grouped += len(members)
             if k < k_req:
-                clamped += 1
-            planned.append((q, i, st, axis, stats, k, k_req))
-    with stage("kmeans" if cfg.grouping == "kmeans" else "groups", n=len(planned)):
-        all_ids = assign_groups_many([(p[4], p[5]) for p in planned], method=cfg.grouping, seed=cfg.seed,
-                                     n_jobs=n_jobs)
-    for (q, i, st, axis, stats, k, k_req), ids in zip(planned, all_ids):
+                clamped += len(members)
+            plans.append((qi, axis, members, k, k_req))
+    t_groups = time.perf_counter()
+    with stage("kmeans" if cfg.grouping == "kmeans" else "groups", n=grouped):
+        all_ids = assign_groups_many([(m[2], k) for _, _, members, k, _ in plans for m in members],
+                                     method=cfg.grouping, seed=cfg.seed, n_jobs=n_jobs)
+    if timings is not None:
+        timings["seconds_groups"] = round(time.perf_counter() - t_groups, 3)
+        timings["fits"] = grouped
+    pos = 0
+    for qi, axis, members, k, k_req in plans:
+        q = quantizers[qi]
+        ids = [t.cpu() for t in all_ids[pos:pos + len(members)]]
+        pos += len(members)
+        scale, zp = per_index_qparams_many(torch.stack([m[2].mins for m in members]),
+                                           torch.stack([m[2].maxs for m in members]), torch.stack(ids), k, q.bits,
+                                           include_zero=cfg.group_range_includes_zero, symmetric=cfg.symmetric)
+        dummy_shape = (1,) + tuple(members[0][1].shape)
+        ch_axis, px_axis = axes_for(torch.empty(dummy_shape, device="meta"), q.layout)
+        dims = ch_axis if axis == "channel" else px_axis
+        for j, (i, _st, stats) in enumerate(members):
+            pending[qi][i] = (params_view(scale[j], dummy_shape, dims), params_view(zp[j], dummy_shape, dims),
+                              {"axis": axis, "k": k, "requested_k": k_req, "n": stats.n, "ids": ids[j],
+                               "source": "groups"})
+    for q, done in zip(quantizers, pending):
+        for i in sorted(done):
+            q.set_params(i, *done[i])
+    return grouped, clamped
+
+
+def finalize_act_quantizer_reference(q: ActQuantizer, cfg) -> tuple[int, int]:
+    """One set at a time with the per-set functions of :mod:`dgq_utils.core.grouping` (:func:`decide_axis`,
+    :func:`assign_groups`, :func:`per_index_qparams`): the definition :func:`finalize_act_quantizers` must equal
+    (tests). Returns (#grouped sets, #clamped sets)."""
+    grouped = clamped = 0
+    official = cfg.calibration_upstream == "per_tensor_quantized"
+    stats_to_host(list(q.stats.values()))
+    for i, st in sorted(q.stats.items()):
+        if st.calls == 0:
+            continue
+        two_d = st.shape is not None and len(st.shape) == 1
+        if cfg.granularity == "per_tensor" or two_d:
+            if two_d and cfg.granularity == "group" and official and i in q.params:
+                continue
+            use_ema = cfg.granularity == "per_tensor" and cfg.range_estimator == "ema"
+            lo, hi = (st.ema_min, st.ema_max) if use_ema else (st.min, st.max)
+            scale, zp = uniform_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), q.bits,
+                                        symmetric=cfg.symmetric, include_zero=True)
+            q.set_params(i, scale, zp, {"axis": "tensor", "k": 1, "requested_k": 1, "n": 1, "ids": None,
+                                        "source": "ema" if use_ema else "minmax"})
+            continue
+        if cfg.axis != "auto":
+            axis = cfg.axis
+        elif st.pixel is None:
+            axis = "channel"
+        elif q.layout == "unfold" and cfg.axis_rule == "official_spread":
+            c, p = axis_scores(st.channel, st.pixel, "official_spread")
+            axis = "pixel" if p > c else "channel"
+        else:
+            axis = decide_axis(st.channel, st.pixel, cfg.axis_rule)
+        stats = st.axis(axis)
+        if stats is None:
+            raise ValueError(f"{q.name}: axis {axis!r} was requested but the input has no such axis "
+                             f"(input shape without batch: {st.shape}).")
+        k_req = int(cfg.num_groups)
+        k = min(k_req, stats.n)
+        grouped += 1
+        clamped += int(k < k_req)
+        ids = assign_groups(stats, k, method=cfg.grouping, seed=cfg.seed)
         scale, zp = per_index_qparams(stats, ids, k, q.bits, include_zero=cfg.group_range_includes_zero,
                                       symmetric=cfg.symmetric)
         dummy_shape = (1,) + tuple(st.shape)
@@ -317,5 +427,8 @@ def finalize_prob_quantizer(pq, upstream: str = "fp") -> None:
     if pq.scale_mode != "static":
         return
     if upstream == "fp" or not pq.static:
-        pq.static = {i: torch.tensor(float(m)) for i, m in sorted(pq.observed_max.items())}
+        items = sorted(pq.observed_max.items())  # 0-d device tensors: to the host in one copy
+        values = torch.stack([m.reshape(()).float().to(items[0][1].device) for _, m in items]).cpu().tolist() \
+            if items else []
+        pq.static = {i: torch.tensor(float(v)) for (i, _), v in zip(items, values)}
     pq.observed_max = {}

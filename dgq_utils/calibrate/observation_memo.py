@@ -87,7 +87,8 @@ def observation_key(pipe, qstate, prompts, sampler, seed: int) -> str | None:
         "seed": int(seed),
         "shared_sets": qstate.controller.mapping == "shared",
         "acts": [[q.name, q.layout, *map(str, q.observe_settings)] for q in qstate.act_quantizers()],
-        "probs": [[pq.name, bool(pq.keep_start)] for pq in qstate.prob_quantizers()],
+        # only a static softmax scale records maxima (a per-prompt / batch one observes nothing)
+        "probs": [[pq.name, bool(pq.keep_start), str(pq.scale_mode)] for pq in qstate.prob_quantizers()],
         # token 0 of K / V bypassing their quantizers changes what those observe
         "procs": [[name, bool(p.enabled), bool(p.key_start_fp), bool(p.value_start_fp)]
                   for name, p in sorted(qstate.processors.items())],
@@ -114,7 +115,8 @@ def remember(key: str | None, qstate, inputs: dict | None = None) -> None:
     acts, probs, ctl = qstate.act_quantizers(), qstate.prob_quantizers(), qstate.controller
     _memo[key] = Observation(
         act_stats=copy.deepcopy({q.name: q.stats for q in acts}),
-        prob_max={pq.name: dict(pq.observed_max) for pq in probs},
+        # running maxima are 0-d tensors (kept on the device while observing): copies, not the live objects
+        prob_max=copy.deepcopy({pq.name: dict(pq.observed_max) for pq in probs}),
         stats_device={q.name: q.stats_device for q in acts},
         schedule=list(ctl.schedule),
         generations=int(ctl.calibration_generations),

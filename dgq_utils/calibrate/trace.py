@@ -185,8 +185,9 @@ class Trace:
         self.close()
 
     @torch.no_grad()
-    def run(self, prompts) -> list[float]:
+    def run(self, prompts, *, on_batch: Callable[[int], None] | None = None) -> list[float]:
         """Run ``prompts`` (checked with :func:`check_prompts`) through the pipeline; returns :attr:`timesteps`.
+        ``on_batch(i)`` is called after batch ``i``.
 
         With its own controller the trace records the schedule of this run (every batch must follow the same
         one) and leaves the controller in inference mode; a given controller is driven by its owner."""
@@ -197,7 +198,8 @@ class Trace:
                 self._installed = True
             self.controller.start_calibration()
         try:
-            run_prompts(self.pipe, prompts, self.sampler, self.seed, progress=self.progress, desc=self.desc)
+            run_prompts(self.pipe, prompts, self.sampler, self.seed, progress=self.progress, desc=self.desc,
+                        on_batch=on_batch)
         finally:
             if self._own_controller:
                 self.controller.remove()

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dgq_utils.core.kmeans import kmeans_ids, kmeans_many
+from dgq_utils.core.kmeans import kmeans_ids, kmeans_many, prestart_workers
 from dgq_utils.core.quantizers import check_bits, fake_quant_uniform, uniform_qparams
 from dgq_utils.core.registry import Registry
 
@@ -63,12 +63,15 @@ __all__ = [
     "GROUPING_METHODS",
     "GroupingMethod",
     "axis_scores",
+    "axis_scores_many",
     "decide_axis",
     "assign_groups",
     "assign_groups_many",
+    "prestart_kmeans_workers",
     "group_ranges",
     "group_qparams",
     "per_index_qparams",
+    "per_index_qparams_many",
     "GroupPlan",
     "plan_groups",
     "params_view",
@@ -82,10 +85,13 @@ __all__ = [
 @dataclass(frozen=True)
 class AxisRule:
     """How :func:`decide_axis` picks the axis: ``score(AxisStats) -> float`` compares the two axes (the larger
-    score wins, ties -> pixel), or ``forces`` names the axis outright (``"channel"`` / ``"pixel"``)."""
+    score wins, ties -> pixel), or ``forces`` names the axis outright (``"channel"`` / ``"pixel"``).
+    ``score_many(mins, maxs) -> list[float]`` (optional): the scores of many statistics of one length at once,
+    ``mins`` / ``maxs`` stacked to ``(S, n)``, equal to ``score`` row by row (:func:`axis_scores_many`)."""
 
     score: Callable[["AxisStats"], float] | None = None
     forces: str | None = None
+    score_many: Callable[[Tensor, Tensor], list] | None = None
 
 
 @dataclass(frozen=True)
@@ -216,8 +222,20 @@ def _outlier_ratio(s: AxisStats) -> float:
     return top / max(med, top * 1e-12)
 
 
-AXIS_RULES.register("official_spread", AxisRule(score=_spread))
-AXIS_RULES.register("outlier_ratio", AxisRule(score=_outlier_ratio))
+def _spread_many(mins: Tensor, maxs: Tensor) -> list[float]:
+    # the float32 arithmetic of _spread, one row per statistics (max / min are exact, the rest elementwise)
+    return ((maxs.amax(dim=1) - maxs.amin(dim=1)) + (mins.amax(dim=1) - mins.amin(dim=1))).tolist()
+
+
+def _outlier_ratio_many(mins: Tensor, maxs: Tensor) -> list[float]:
+    r = (maxs - mins).double()
+    meds = r.median(dim=1).values.tolist()  # the lower median, as the 1-D median of _outlier_ratio
+    tops = r.amax(dim=1).tolist()
+    return [1.0 if top <= 0 else top / max(med, top * 1e-12) for med, top in zip(meds, tops)]
+
+
+AXIS_RULES.register("official_spread", AxisRule(score=_spread, score_many=_spread_many))
+AXIS_RULES.register("outlier_ratio", AxisRule(score=_outlier_ratio, score_many=_outlier_ratio_many))
 AXIS_RULES.register("channel", AxisRule(forces="channel"))
 AXIS_RULES.register("pixel", AxisRule(forces="pixel"))
 
@@ -232,6 +250,31 @@ def axis_scores(channel: AxisStats, pixel: AxisStats, rule: str = "official_spre
             + (f" ({rule!r} forces an axis and has no score)." if entry is not None else ".")
         )
     return entry.score(channel), entry.score(pixel)
+
+
+def _stacked(stats: Sequence[AxisStats]) -> tuple[Tensor, Tensor]:
+    return torch.stack([s.mins for s in stats]), torch.stack([s.maxs for s in stats])
+
+
+def axis_scores_many(channel: Sequence[AxisStats], pixel: Sequence[AxisStats],
+                     rule: str = "official_spread") -> tuple[list[float], list[float]]:
+    """:func:`axis_scores` of many ``(channel[j], pixel[j])`` pairs, in two lists; the statistics of each list
+    share one length (e.g. one layer's timestep sets). The same numbers as one pair at a time."""
+    entry = AXIS_RULES.get(rule)
+    channel, pixel = list(channel), list(pixel)
+    if len(channel) != len(pixel):
+        raise ValueError(f"axis_scores_many needs as many channel as pixel statistics; got {len(channel)} "
+                         f"and {len(pixel)}.")
+    if entry is None or entry.score is None or entry.score_many is None or not channel:
+        pairs = [axis_scores(c, p, rule) for c, p in zip(channel, pixel)]
+        return [c for c, _ in pairs], [p for _, p in pairs]
+    out = []
+    for stats in (channel, pixel):
+        if len({s.n for s in stats}) != 1:
+            raise ValueError("axis_scores_many needs statistics of one length per axis (one layer's sets); got "
+                             f"lengths {sorted({s.n for s in stats})}.")
+        out.append(list(entry.score_many(*_stacked(stats))))
+    return out[0], out[1]
 
 
 def decide_axis(channel: AxisStats, pixel: AxisStats, rule: str = "official_spread") -> str:
@@ -331,6 +374,19 @@ def kmeans_workers(n_jobs: int | None = None) -> int:
     if isinstance(n_jobs, bool) or int(n_jobs) < 1:
         raise ValueError(f"n_jobs must be >= 1; got {n_jobs!r}.")
     return int(n_jobs)
+
+
+def prestart_kmeans_workers(expected_fits: int, method: str = "kmeans", n_jobs: int | None = None) -> bool:
+    """Start (or keep alive) the worker processes a later :func:`assign_groups_many` of about ``expected_fits``
+    K-means fits will use, without waiting (calibration calls it while the GPU runs its passes, so the fits do
+    not wait for the workers to start and import scikit-learn). Returns whether workers were started."""
+    if method != "kmeans" or expected_fits < PARALLEL_MIN_FITS:
+        return False
+    workers = min(kmeans_workers(n_jobs), max(1, int(expected_fits) // 16))
+    if workers <= 1:
+        return False
+    prestart_workers(workers)
+    return True
 
 
 def assign_groups_many(jobs: Sequence[tuple[AxisStats, int]], method: str = "kmeans", seed: int = 0,
@@ -447,6 +503,51 @@ def per_index_qparams(
     scale, zp = group_qparams(stats, group_ids, num_groups, bits, include_zero=include_zero, symmetric=symmetric)
     ids = _check_ids(stats, group_ids, num_groups)
     return scale[ids], zp[ids]
+
+
+def per_index_qparams_many(
+    mins: Tensor,
+    maxs: Tensor,
+    group_ids: Tensor,
+    num_groups: int,
+    bits: int,
+    *,
+    include_zero: bool = False,
+    symmetric: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """:func:`per_index_qparams` of ``S`` statistics of one length at once: ``mins`` / ``maxs`` / ``group_ids``
+    stacked to ``(S, n)`` (row ``j`` one :class:`AxisStats` and its ids); returns ``(scale, zero_point)``, each
+    ``(S, n)``, equal row by row to :func:`per_index_qparams` (the same float32 operations, batched)."""
+    mins = torch.as_tensor(mins).to(torch.float32)
+    maxs = torch.as_tensor(maxs).to(device=mins.device, dtype=torch.float32)
+    if mins.ndim != 2 or mins.shape != maxs.shape or mins.shape[1] == 0:
+        raise ValueError(f"per_index_qparams_many needs (S, n) mins and maxs of one shape; got "
+                         f"{tuple(mins.shape)} and {tuple(maxs.shape)}.")
+    ids = torch.as_tensor(group_ids)
+    if ids.shape != mins.shape:
+        raise ValueError(f"group_ids must have shape {tuple(mins.shape)} to match the statistics; got "
+                         f"{tuple(ids.shape)}.")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor; got dtype {ids.dtype}.")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ValueError(f"num_groups must be an integer >= 1; got {num_groups!r}.")
+    k = int(num_groups)
+    ids = ids.long().to(mins.device)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k):
+        raise ValueError(f"group_ids must lie in [0, {k}); got values in [{int(ids.min())}, {int(ids.max())}].")
+    rows = mins.shape[0]
+    lo = torch.full((rows, k), math.inf, dtype=torch.float32, device=mins.device).scatter_reduce(
+        1, ids, mins, reduce="amin", include_self=True)
+    hi = torch.full((rows, k), -math.inf, dtype=torch.float32, device=mins.device).scatter_reduce(
+        1, ids, maxs, reduce="amax", include_self=True)
+    empty = torch.zeros((rows, k), dtype=torch.long, device=mins.device).scatter_add_(
+        1, ids, torch.ones_like(ids)) == 0
+    lo = lo.masked_fill(empty, 0.0)
+    hi = hi.masked_fill(empty, 1.0)
+    if include_zero:
+        lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
+    scale, zp = uniform_qparams(lo, hi, check_bits(bits), symmetric=symmetric, include_zero=include_zero)
+    return scale.gather(1, ids), zp.gather(1, ids)
 
 
 @dataclass(eq=False)

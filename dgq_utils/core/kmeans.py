@@ -4,10 +4,26 @@ This module imports only numpy and scikit-learn (no torch), so the worker proces
 :func:`kmeans_many` starts are cheap to spawn. :func:`dgq_utils.core.grouping.assign_groups` and
 :func:`~dgq_utils.core.grouping.assign_groups_many` are the entry points that take activation statistics.
 Worker processes end with the process that started them (killed or interrupted) and exit after
-:data:`WORKER_IDLE_TIMEOUT` idle seconds.
+:data:`WORKER_IDLE_TIMEOUT` idle seconds; :func:`prestart_workers` starts them ahead of time (calibration does
+while the GPU runs its passes), so a later :func:`kmeans_many` does not wait for their start and imports.
+
+Threads: every fit runs with **one OpenMP thread** (in the workers and in-process). scikit-learn's Lloyd iterations
+sum each cluster's points in per-thread buffers and add the buffers up in whatever order the threads finish, so
+with several threads the centres (and, at a near-tie, a label) can differ from run to run; one thread gives the
+single-threaded result every time -- the same labels as ``OMP_NUM_THREADS=1`` -- and, with one fit per core in
+the worker processes, no oversubscription (16 workers x 16 OpenMP threads spinning on 16 cores made every fit
+several times slower; on 2 cores, 2 workers x 8 threads ran 256 fits 16-19x slower than 2 x 1 -- the "stall" of
+the K-means calibration seen on the 16-CPU GPU machine before this cap).
+
+Never a hang: the workers get ``OMP_NUM_THREADS=1`` (and the BLAS equivalents) in their environment before any
+library loads, on top of the runtime limit their initializer sets; they are started by loky's own context
+(fork + exec, so a parent that has initialised CUDA is never forked as is); and a call whose workers finish no
+chunk of fits for :func:`stall_timeout` seconds (``DGQ_KMEANS_TIMEOUT``, default :data:`STALL_TIMEOUT`) kills
+them and raises :class:`KMeansStalled`, which says how to fit in-process instead.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import math
 import os
@@ -57,6 +73,19 @@ def kmeans_ids(points: np.ndarray, k: int, seed: int) -> np.ndarray:
 def kmeans_chunk(chunk: Sequence[tuple[np.ndarray, int, int]]) -> list[np.ndarray]:
     """:func:`kmeans_ids` of every ``(points, k, seed)`` of ``chunk`` (the unit of work of one worker call)."""
     return [kmeans_ids(points, k, seed) for points, k, seed in chunk]
+
+
+def _load_sklearn() -> None:
+    """Import scikit-learn's K-means (and so its OpenMP runtime): thread limits apply to loaded libraries only."""
+    import sklearn.cluster  # noqa: F401
+
+
+def single_threaded():
+    """A context manager limiting the loaded OpenMP and BLAS runtimes to one thread (scikit-learn loaded first)."""
+    from threadpoolctl import threadpool_limits
+
+    _load_sklearn()
+    return threadpool_limits(limits=1)
 
 
 def _key(points: np.ndarray, k: int, seed: int) -> bytes:
@@ -148,49 +177,143 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="dgq-exit-with-parent", daemon=True).start()
 
 
-def _run_in_workers(chunks: list, workers: int) -> list:
-    """``kmeans_chunk`` of every chunk in loky worker processes that end with this process (see
-    :func:`_exit_with_parent`); an interrupt (KeyboardInterrupt, any error) kills the workers before re-raising."""
-    from joblib.externals.loky import get_reusable_executor
+def _worker_init(parent_pid: int) -> None:
+    """Worker initializer: end with the parent (:func:`_exit_with_parent`); import scikit-learn now and keep
+    every fit of this worker on one thread (see the module docstring)."""
+    _exit_with_parent(parent_pid)
+    single_threaded()  # not restored: the limit holds for the worker's life
 
-    executor = get_reusable_executor(max_workers=workers, timeout=WORKER_IDLE_TIMEOUT,
-                                     initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+def _warm() -> int:
+    return os.getpid()
+
+
+#: environment of every worker process, set before any module loads (one thread per fit, from the start)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "BLIS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+
+#: default seconds a worker call may go without one chunk of fits finishing before it is declared stalled
+STALL_TIMEOUT = 300.0
+
+
+class KMeansStalled(RuntimeError):
+    """The K-means worker processes finished no chunk of fits within :func:`stall_timeout` seconds."""
+
+
+def stall_timeout() -> float | None:
+    """Seconds :func:`run_in_workers` waits for the next chunk before raising :class:`KMeansStalled`: the
+    ``DGQ_KMEANS_TIMEOUT`` environment variable (``0``: wait forever), else :data:`STALL_TIMEOUT`."""
+    env = os.environ.get("DGQ_KMEANS_TIMEOUT", "").strip()
+    if not env:
+        return STALL_TIMEOUT
     try:
-        return list(executor.map(kmeans_chunk, chunks))
+        value = float(env)
+    except ValueError:
+        raise ValueError(f"DGQ_KMEANS_TIMEOUT must be a number of seconds (0: no timeout); got {env!r}.") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"DGQ_KMEANS_TIMEOUT must be a number of seconds >= 0 (0: no timeout); got {env!r}.")
+    return value or None
+
+
+def _executor(workers: int):
+    from joblib.externals.loky import get_reusable_executor
+    from joblib.externals.loky.backend.context import get_context
+
+    # "loky": fork + exec (a fresh interpreter, like spawn), whatever the multiprocessing default is; the only
+    # context where ``env`` applies
+    return get_reusable_executor(max_workers=workers, timeout=WORKER_IDLE_TIMEOUT, context=get_context("loky"),
+                                 initializer=_worker_init, initargs=(os.getpid(),), env=dict(WORKER_ENV))
+
+
+def prestart_workers(n_jobs: int) -> None:
+    """Start ``n_jobs`` worker processes now (scikit-learn imported in each), without waiting for them; calling it
+    again keeps them from their idle exit. No-op for ``n_jobs <= 1``. A later :func:`kmeans_many` with as many
+    workers reuses them."""
+    if int(n_jobs) <= 1:
+        return
+    executor = _executor(int(n_jobs))
+    for _ in range(int(n_jobs)):
+        executor.submit(_warm)
+
+
+def run_in_workers(fn, chunks: list, workers: int, *, timeout: float | None = None) -> list:
+    """``fn(chunk)`` of every chunk, in order, in ``workers`` loky worker processes that end with this process
+    (see :func:`_exit_with_parent`). ``timeout``: seconds without any chunk finishing (default
+    :func:`stall_timeout`; ``None`` or 0 from there: no limit) before the workers are killed and
+    :class:`KMeansStalled` is raised. An interrupt (KeyboardInterrupt, any error) kills the workers before
+    re-raising."""
+    limit = stall_timeout() if timeout is None else (float(timeout) or None)
+    executor = _executor(workers)
+    try:
+        futures = [executor.submit(fn, chunk) for chunk in chunks]
+        pending = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=limit,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise KMeansStalled(
+                    f"K-means worker processes ({workers}) finished no chunk of fits in {limit:g} s "
+                    f"({len(futures) - len(pending)} of {len(futures)} chunks done); they were stopped. Fit in "
+                    "this process with DGQ_KMEANS_JOBS=1 (or n_jobs=1), use fewer workers, or raise the limit "
+                    "with DGQ_KMEANS_TIMEOUT=<seconds> (0: none).")
+            for f in done:
+                f.result()  # a worker's error, raised now
+        return [f.result() for f in futures]
     except BaseException:
         executor.shutdown(wait=False, kill_workers=True)
         raise
 
 
-def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
-                min_parallel: int = 64) -> list[np.ndarray]:
-    """:func:`kmeans_ids` for every ``(points, k, seed)``, in order. Inputs seen before come from the memo (and
-    the folder of :func:`set_store`, if set); the others run in ``n_jobs`` loky worker processes when there are at least ``min_parallel`` of them."""
-    keys = [_key(p, k, s) for p, k, s in jobs]
-    if any(key not in _memo for key in keys):
-        _load_store()
-    out: list[np.ndarray | None] = [None] * len(jobs)
-    new: dict[bytes, list[int]] = {}
+def _fit_new(jobs, keys: list[bytes], n_jobs: int, min_parallel: int) -> None:
+    """Fit the jobs whose key is not in the memo (one fit per distinct key) and keep them (memo and store)."""
+    new: dict[bytes, int] = {}
     for i, key in enumerate(keys):
-        hit = _memo.get(key)
-        if hit is not None:
-            _memo.move_to_end(key)
-            out[i] = hit.copy()
-        else:
-            new.setdefault(key, []).append(i)
-    payload = [jobs[idx[0]] for idx in new.values()]
+        if key not in _memo:
+            new.setdefault(key, i)
+    if not new:
+        return
+    payload = [jobs[i] for i in new.values()]
     workers = min(int(n_jobs), max(1, len(payload) // 16))
     if workers <= 1 or len(payload) < min_parallel:
-        labels = kmeans_chunk(payload)
+        with single_threaded():
+            labels = kmeans_chunk(payload)
     else:
         size = math.ceil(len(payload) / (4 * workers))
         chunks = [payload[a:a + size] for a in range(0, len(payload), size)]
-        labels = [ids for part in _run_in_workers(chunks, workers) for ids in part]
-    for (key, idx), ids in zip(new.items(), labels):
+        labels = [ids for part in run_in_workers(kmeans_chunk, chunks, workers) for ids in part]
+    for key, ids in zip(new, labels):
         _memo[key] = ids
-        for i in idx:
-            out[i] = ids.copy()
     _save_store({key: _memo[key] for key in new})
+
+
+def kmeans_many(jobs: Sequence[tuple[np.ndarray, int, int]], *, n_jobs: int = 1,
+                min_parallel: int = 64) -> list[np.ndarray]:
+    """:func:`kmeans_ids` for every ``(points, k, seed)``, in order. Inputs seen before come from the memo (and
+    the folder of :func:`set_store`, if set); the others run in ``n_jobs`` loky worker processes when there are
+    at least ``min_parallel`` of them.
+
+    With a store folder, two processes asking for the same new fits at the same time (notebooks 04 and 06 of the
+    report in two lanes) do not both make them: the fits are made under a file lock named by the set of new
+    inputs, and the process that waited answers from the store."""
+    keys = [_key(p, k, s) for p, k, s in jobs]
+    if any(key not in _memo for key in keys):
+        _load_store()
+    missing = sorted({key for key in keys if key not in _memo})
+    folder = _store["folder"]
+    if missing and folder is not None:
+        from filelock import FileLock  # only with a store: the engine's other uses need no lock
+
+        os.makedirs(os.path.join(folder, ".locks"), exist_ok=True)
+        name = hashlib.blake2b(b"".join(missing), digest_size=16).hexdigest()
+        with FileLock(os.path.join(folder, ".locks", f"{name}.lock")):
+            _load_store()  # made by the process we waited for, if any
+            _fit_new(jobs, keys, n_jobs, min_parallel)
+    else:
+        _fit_new(jobs, keys, n_jobs, min_parallel)
+    out = []
+    for key in keys:
+        _memo.move_to_end(key)
+        out.append(_memo[key].copy())
     while len(_memo) > MEMO_SIZE:
         _memo.popitem(last=False)
     return out  # type: ignore[return-value]

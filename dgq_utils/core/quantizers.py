@@ -90,6 +90,7 @@ __all__ = [
     "fake_quant_weight",
     "weight_error",
     "MSE_SEARCH_ALPHAS",
+    "MSE_CHUNK_ELEMENTS",
     "ProbQuantizerKind",
     "PROB_QUANTIZERS",
     "log2_levels_",
@@ -181,6 +182,13 @@ def uniform_qparams(
             f"uniform_qparams needs lo <= hi elementwise; {bad} entries have lo > hi. "
             "Pass (min, max) in that order."
         )
+    return _uniform_qparams_unchecked(lo_t, hi_t, bits, symmetric, include_zero)
+
+
+def _uniform_qparams_unchecked(lo_t: Tensor, hi_t: Tensor, bits: int, symmetric: bool,
+                               include_zero: bool) -> tuple[Tensor, Tensor]:
+    """The arithmetic of :func:`uniform_qparams` on ranges known to be finite and ordered (no checks, so no host
+    synchronisation on a GPU: the MSE weight search calls it once per chunk of candidates)."""
     if symmetric:
         absmax = torch.maximum(lo_t.abs(), hi_t.abs())
         scale = (absmax / (2 ** (bits - 1) - 1)).clamp_min(SCALE_FLOOR)
@@ -373,6 +381,9 @@ def minmax_range(x: Tensor, reduce_dims: Sequence[int] | int | None) -> tuple[Te
 
 #: Shrink factors of the official MSE weight-range search: 1.00, 0.99, ..., 0.21 (80 candidates).
 MSE_SEARCH_ALPHAS: tuple[float, ...] = tuple(1.0 - 0.01 * i for i in range(80))
+#: Weight elements x candidates evaluated at once by the MSE search, per device type (float32 work tensors of this
+#: many elements: 64 MiB on the CPU, 256 MiB on a GPU).
+MSE_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 2**24, "cuda": 2**26}
 
 
 def _check_weight_opts(w: Tensor, granularity: str, range_method: str) -> None:
@@ -396,7 +407,7 @@ def weight_qparams(
     p: float = 2.4,
     alphas: Sequence[float] = MSE_SEARCH_ALPHAS,
     include_zero: bool | None = None,
-    max_chunk_elements: int = 2**24,
+    max_chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Scale and zero point for a weight ``w`` (Linear ``(O, I)``, Conv ``(O, I, kh, kw)``, any ``(O, ...)``).
 
@@ -406,7 +417,10 @@ def weight_qparams(
       True). ``"mse"``: the official search -- candidate ranges ``[alpha * lo, alpha * hi]`` for ``alpha`` in
       ``alphas`` (default 1.00 .. 0.21, 80 values) over the raw min/max (``include_zero`` default False), scored by
       ``mean |Q(w) - w|^p`` per channel (``p = 2.4``), keeping the first strict minimum. Vectorised over channels
-      and candidates; candidates are evaluated in chunks of at most ``max_chunk_elements`` weight elements.
+      and candidates; candidates are evaluated in chunks of at most ``max_chunk_elements`` weight elements
+      (default :data:`MSE_CHUNK_ELEMENTS` for the weight's device type: 2^24 on the CPU, 2^26 on a GPU, where the
+      search then takes 1-2 chunks for most layers instead of up to 80 and never waits for the device: the ranges
+      are checked once, before the candidates).
 
     Returned tensors are float32 (float64 for a float64 weight).
     """
@@ -432,14 +446,20 @@ def weight_qparams(
     alpha_t = torch.as_tensor(list(alphas), dtype=wdt, device=wd.device)
     if alpha_t.ndim != 1 or alpha_t.numel() == 0:
         raise ValueError("alphas must be a non-empty sequence of shrink factors, e.g. MSE_SEARCH_ALPHAS.")
+    if not bool(((alpha_t > 0) & torch.isfinite(alpha_t)).all()):
+        raise ValueError("alphas must be positive finite shrink factors (the candidates are alpha * range).")
+    uniform_qparams(lo, hi, bits, symmetric=symmetric, include_zero=inc)  # checks the range once (finite, lo <= hi)
     n_cand = alpha_t.numel()
     cand_shape = (-1,) + (1,) * wd.ndim  # candidates on a new leading dim
-    chunk = max(1, min(n_cand, max_chunk_elements // max(1, wd.numel())))
+    if max_chunk_elements is None:
+        max_chunk_elements = MSE_CHUNK_ELEMENTS.get(wd.device.type, MSE_CHUNK_ELEMENTS["cpu"])
+    chunk = max(1, min(n_cand, int(max_chunk_elements) // max(1, wd.numel())))
     qmin, qmax = qrange(bits, symmetric)
     scores = []
     for start in range(0, n_cand, chunk):
         a = alpha_t[start : start + chunk].reshape(cand_shape)  # (c, 1, ...)
-        s, z = uniform_qparams(a * lo, a * hi, bits, symmetric=symmetric, include_zero=inc)  # (c, O, 1, ...)
+        # (c, O, 1, ...); positive alphas keep the checked ranges finite and ordered
+        s, z = _uniform_qparams_unchecked(*torch.broadcast_tensors(a * lo, a * hi), bits, symmetric, inc)
         t = torch.round(wd / s)
         if not symmetric:
             t.add_(z)

@@ -122,7 +122,20 @@ class TensorStats:
                 "excluded). All calibration batches must use the same resolution."
             )
         deferred = self.deferred if self.deferred is not None else xd.device.type != "cpu"
-        mn, mx = torch.aminmax(xd.reshape(-1))
+        todo = []
+        if axes:
+            ch_axis, px_axis = axes_for(xd, layout)
+            todo = [("channel", ch_axis)] if "channel" in axes else []
+            if "pixel" in axes and px_axis is not None:
+                todo.append(("pixel", px_axis))
+        reduced = {name: _axis_reduce(xd, ax) for name, ax in todo} if deferred else {}
+        if deferred and reduced:
+            # the input's min / max from the first axis's per-index min / max: the same (exact) values, NaN
+            # propagated, without another pass over the input
+            mins, maxs = next(iter(reduced.values()))
+            mn, mx = mins.amin(), maxs.amax()
+        else:
+            mn, mx = torch.aminmax(xd.reshape(-1))
         if deferred:
             d["_pending"].append((next(_SEQ), mn, mx, where, tuple(xd.shape)))
             d["_ema_m"] = ema_momentum
@@ -133,24 +146,19 @@ class TensorStats:
             self._fold(mn_f, mx_f, ema_momentum)
         d["shape"] = shape
         d["calls"] += 1
-        if axes:
-            ch_axis, px_axis = axes_for(xd, layout)
-            todo = [("channel", ch_axis)] if "channel" in axes else []
-            if "pixel" in axes and px_axis is not None:
-                todo.append(("pixel", px_axis))
-            for name, ax in todo:
-                if deferred:
-                    acc = d["_axis_acc"]
-                    mins, maxs = _axis_reduce(xd, ax)
-                    if name in acc:
-                        old = acc[name]
-                        acc[name] = [torch.minimum(old[0], mins), torch.maximum(old[1], maxs), old[2] + 1]
-                    else:
-                        acc[name] = [mins, maxs, 1]
+        for name, ax in todo:
+            if deferred:
+                acc = d["_axis_acc"]
+                mins, maxs = reduced[name]
+                if name in acc:
+                    old = acc[name]
+                    acc[name] = [torch.minimum(old[0], mins), torch.maximum(old[1], maxs), old[2] + 1]
                 else:
-                    s = AxisStats.from_tensor(xd, ax)
-                    cur = d[name]
-                    d[name] = s if cur is None else cur.merge(s)
+                    acc[name] = [mins, maxs, 1]
+            else:
+                s = AxisStats.from_tensor(xd, ax)
+                cur = d[name]
+                d[name] = s if cur is None else cur.merge(s)
         if percentiles:
             flat = xd.reshape(-1)
             step = max(1, flat.numel() // PERCENTILE_SAMPLES)

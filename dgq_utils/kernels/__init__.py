@@ -7,6 +7,9 @@
 * :mod:`.fake_quant` -- one-kernel uniform fake quantization of activations and weights (per-timestep parameter
   sets stacked on the device, the set read from a device index tensor), bit-identical to
   :func:`dgq_utils.core.quantizers.fake_quant_uniform`.
+* :mod:`.int8_gemm` -- real 8-bit GEMMs for W8A8 group quantization (fused activation quantize with the channel
+  permutation, int8 x int8 -> int32 GEMM with per-row or K-blocked per-group scales and zero-point correction in the
+  epilogue), with exact pure-torch references.
 """
 from .quant_attention import (ProbQuantSpec, prob_multiplier, quant_attention, row_statistics, triton_available,
                               unsupported_reason)

@@ -114,26 +114,31 @@ class ParamStack:
         dev = next(iter(sets.values()))[0].device
         cs = torch.ones(n_sets, c, device=dev)
         cz = torch.zeros(n_sets, c, device=dev)
-        need_pix = any(any(s.shape[d] != 1 for d in range(s.ndim)) and
-                       [d for d in range(s.ndim) if s.shape[d] != 1] != [channel_dim] for s, _ in sets.values())
+        kinds: dict[str, list] = {"tensor": [], "channel": [], "pixel": []}  # one batched write per kind
+        for i, (s, z) in sorted(sets.items()):
+            nontrivial = [d for d in range(s.ndim) if s.shape[d] != 1]
+            kind = "tensor" if not nontrivial else "channel" if nontrivial == [channel_dim] else "pixel"
+            if kind == "pixel" and s.numel() != p:
+                raise ValueError(f"pixel-wise sets of different sizes ({s.numel()} vs {p}).")
+            kinds[kind].append((i, s, z))
+        need_pix = bool(kinds["pixel"])
         ps = torch.ones(n_sets, p, device=dev) if need_pix else None
         pz = torch.zeros(n_sets, p, device=dev) if need_pix else None
         valid = torch.zeros(n_sets, dtype=torch.bool)
-        for i, (s, z) in sets.items():
-            valid[i] = True
-            nontrivial = [d for d in range(s.ndim) if s.shape[d] != 1]
-            s32, z32 = s.to(dev, torch.float32), z.to(dev, torch.float32)
-            if not nontrivial:  # per tensor: the value in every channel entry
-                cs[i] = s32.reshape(())
-                cz[i] = z32.reshape(())
-            elif nontrivial == [channel_dim]:
-                cs[i] = s32.reshape(-1)
-                cz[i] = z32.reshape(-1)
-            else:
-                if s.numel() != p:
-                    raise ValueError(f"pixel-wise sets of different sizes ({s.numel()} vs {p}).")
-                ps[i] = s32.reshape(-1)
-                pz[i] = z32.reshape(-1)
+        for kind, members in kinds.items():
+            if not members:
+                continue
+            idx = torch.tensor([i for i, _, _ in members], dtype=torch.long)
+            valid[idx] = True
+            s32 = torch.stack([s.reshape(-1) for _, s, _ in members]).to(dev, torch.float32)
+            z32 = torch.stack([z.reshape(-1) for _, _, z in members]).to(dev, torch.float32)
+            idx = idx.to(dev)
+            if kind == "pixel":
+                ps.index_copy_(0, idx, s32)
+                pz.index_copy_(0, idx, z32)
+            else:  # per tensor: the value in every channel entry (broadcast over the row)
+                cs.index_copy_(0, idx, s32.expand(-1, c) if kind == "tensor" else s32)
+                cz.index_copy_(0, idx, z32.expand(-1, c) if kind == "tensor" else z32)
         return cls(cs.contiguous(), cz.contiguous(), ps, pz, int(channel_dim),
                    tuple(pixel_dims) if need_pix else (), valid)
 

@@ -208,7 +208,7 @@ class ProbQuantizer(nn.Module):
         self.static: dict[int, Tensor] = {}  # set -> 0-d max
         self._static_stack: Tensor | None = None  # (S,) for compiled graphs
         self._static_key: tuple | None = None
-        self.observed_max: dict[int, float] = {}
+        self.observed_max: dict[int, Tensor] = {}  # set -> running 0-d max (static scale calibration)
 
     def extra_repr(self) -> str:
         return (f"{self.name!r}, {self.quantizer}, bits={self.bits}, scale={self.scale_mode}, "
@@ -229,19 +229,26 @@ class ProbQuantizer(nn.Module):
 
     def needs_max(self) -> bool:
         """Whether this call's mode records the max of the probabilities (``<start>`` column excluded where it
-        is kept FP): ``observe`` / ``observe_quant``, and ``init`` for a static scale not yet set."""
+        is kept FP), which only a static scale uses: ``observe`` / ``observe_quant``, and ``init`` for a static
+        scale not yet set. (Per-prompt and batch scales record nothing: no row statistics, no sync.)"""
+        if self.scale_mode != "static":
+            return False
         mode = self.mode
-        return mode in ("observe", "observe_quant") or (
-            mode == "init" and self.scale_mode == "static" and self.state.set_index not in self.static)
+        return mode in ("observe", "observe_quant") or (mode == "init" and self.state.set_index not in self.static)
 
     def note_max(self, m: Tensor) -> None:
         """Record the 0-d max ``m`` as the mode asks (see :meth:`needs_max`); the fused attention passes the max
-        of its row statistics here instead of materialising the probabilities."""
+        of its row statistics here instead of materialising the probabilities. The running max per set stays a
+        float32 0-d tensor on ``m``'s device (no host sync per call; calibration reads them all at the end)."""
+        if not self.needs_max():
+            return
         i = self.state.set_index
+        m = m.detach().float()
         if self.mode in ("observe", "observe_quant"):
-            self.observed_max[i] = max(self.observed_max.get(i, 0.0), float(m))
-        elif self.mode == "init" and self.scale_mode == "static" and i not in self.static:
-            self.static[i] = m.detach().float()
+            old = self.observed_max.get(i)
+            self.observed_max[i] = m.clamp_min(0.0) if old is None else torch.maximum(old, m)
+        else:
+            self.static[i] = m
 
     def max_of(self, p: Tensor) -> Tensor:
         """The scale (maximum) the quantizer uses for ``p`` under the current mode and set."""
@@ -254,12 +261,17 @@ class ProbQuantizer(nn.Module):
     def static_max(self, device: torch.device) -> Tensor:
         """The calibrated 0-d maximum of the current timestep set, on ``device`` (moved there once).
 
-        Under ``torch.compile`` the maxima of all sets are one ``(S,)`` tensor (stacked by an eager call) gathered
-        with the state's device set index, so the graph does not specialise on the set (no recompiles)."""
-        if torch.compiler.is_compiling():
+        Under ``torch.compile`` and CUDA-graph capture the maxima of all sets are one ``(S,)`` tensor (stacked by an
+        eager call) gathered with the state's device set index, so the graph does not specialise on the set (no
+        recompiles; a captured graph replays correctly for every timestep)."""
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or capturing:  # a graph serves every set: gather by the device index
             stack = self._static_stack
             if stack is not None and stack.device == device:
                 return stack.index_select(0, self.state.index_tensor(device).reshape(1).long()).reshape(())
+            if capturing:
+                raise RuntimeError(f"{self.name}: the static softmax scales are not stacked on {device} (run one "
+                                   "eager call before capturing a CUDA graph).")
         else:
             key = (id(self.static), len(self.static), device)
             if self._static_key != key and self.static and sorted(self.static) == list(range(len(self.static))):

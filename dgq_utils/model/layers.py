@@ -159,11 +159,19 @@ class ActQuantizer(nn.Module):
                                                           self.symmetric)
             return self._quant_reference(x)
         st = self._stacked(x.device)
-        if st is not None and fused.available(x) and st.fits(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        usable = st is not None and st.fits(x) and not (torch.is_grad_enabled() and x.requires_grad)
+        if usable and fused.available(x):
             if self.state.set_index not in self.params:
                 self._missing_set(self.state.set_index)
             return fused.fake_quant_uniform_fused(x, st, self.state.index_tensor(x.device), self.bits,
                                                   symmetric=self.symmetric)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a CUDA graph replays for every timestep: the set must be read on the device, never baked in
+            if not usable:
+                raise RuntimeError(f"{self.name}: cannot be captured in a CUDA graph (input of shape "
+                                   f"{tuple(x.shape)} does not fit the stacked parameter sets); run it eagerly.")
+            return fused.fake_quant_stacked_reference(x, st, self.state.index_tensor(x.device), self.bits,
+                                                      self.symmetric)
         return self._quant_reference(x)
 
     def _missing_set(self, i: int):

@@ -257,6 +257,13 @@ class TimestepController:
 
     @torch.compiler.disable
     def _hook(self, module, args, kwargs):
+        self.before_call(module, args, kwargs)
+
+    def before_call(self, module, args, kwargs) -> None:
+        """What the pre-hook does for one UNet call ``module(*args, **kwargs)``: read its timestep, advance the
+        call counter and set :attr:`state.set_index` (filling the device index tensors). A caller that runs the
+        UNet's ``forward`` without its hooks (a replayed CUDA graph) calls this first, with the call's own
+        arguments (the timestep as the scheduler gave it, so it is read from the host copy, without a sync)."""
         if self._inside_callback:
             return
         if len(args) > 1:

@@ -200,10 +200,22 @@ def set_quantization_enabled(pipe, enabled: bool) -> None:
     """Switch every quantized layer and attention processor to exact FP (``False``) or back (``True``)
     without uninstalling anything (outputs with ``False`` are bit-identical to the FP pipeline)."""
     qs = require_state(pipe)
+    if not enabled:
+        _refuse_if_irreversible(qs, "set_quantization_enabled(pipe, False)")
     for layer in qs.layers.values():
         layer.enabled = bool(enabled)
     for proc in qs.processors.values():
         proc.enabled = bool(enabled)
+
+
+def _refuse_if_irreversible(qs: QuantState, what: str) -> None:
+    """Raise before anything changes when layers have no FP weights any more (``reversible = False``: converted
+    by :func:`dgq_utils.quantize.int8.convert_to_8bit`)."""
+    gone = [name for name, layer in qs.layers.items() if not getattr(layer, "reversible", True)]
+    if gone:
+        raise RuntimeError(f"{what}: {len(gone)} layers ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}) "
+                           "were converted by convert_to_8bit and hold no FP weights any more; build (or load) the "
+                           "pipeline again to get the FP model back.")
 
 
 def require_state(pipe) -> QuantState:
@@ -294,6 +306,7 @@ def dequantize_pipeline(pipe) -> bool:
     qs = get_quant_state(pipe)
     if qs is None:
         return False
+    _refuse_if_irreversible(qs, "dequantize_pipeline")
     unet = pipe.unet
     qs.controller.remove()
     for name, layer in qs.layers.items():

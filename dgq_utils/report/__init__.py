@@ -5,7 +5,10 @@ prompts), :mod:`.session` (the one set-up call of every notebook: ``S = A.setup(
 :mod:`.layer_names`, :mod:`.outliers` (01), :mod:`.grouping_study` (02), :mod:`.attention_study` (03),
 :mod:`.comparison` (04-06: metrics set-up, ablation recipes, paired tables, the paper's Table 2),
 :mod:`.paper_protocol` (05's branch for real SD checkpoints), :mod:`.prose` (sentences from the numbers),
-:mod:`.plots` (figures), :mod:`.chain` (``python -m dgq_utils.report``) and :mod:`.demo`.
+:mod:`.plots` (figures), :mod:`.chain` (``python -m dgq_utils.report``) and :mod:`.demo`. Around the chain:
+:mod:`.runs` (a run's folder ``outputs/runs/<settings>/`` and its ``run.json``), :mod:`.compare_runs` (its main
+numbers beside the committed run's, printed at the end of the chain) and :mod:`.publish` (the explicit command that
+makes a run the committed ``figures/`` and ``results/``, declared in ``results/RUN.json``).
 
 The notebooks import this package as one namespace (``from dgq_utils import report as A``); the names below are
 the notebook-facing functions of the study modules.

@@ -12,6 +12,14 @@ before anything runs, instead of being silently ignored; so does a value of the 
 folder; the source notebooks stay output-free. A failing cell stops the chain with a message naming the
 notebook, the cell and the error.
 
+**Lanes.** The notebooks share their expensive work only through the caches of the work folder (images,
+calibrated states, K-means fits), each guarded by a file lock, and none reads another's tables. So the chain can run
+them in several *lanes*, one kernel per lane at a time: on a CPU machine with two cores or fewer, where every
+notebook runs one torch thread (:func:`dgq_utils.report.context.open_model`), the default is two lanes --
+``01 02 03 06`` beside ``04 05`` (:func:`plan_lanes`, by the measured seconds :data:`EXPECTED_SECONDS`) -- which
+keeps both cores busy; elsewhere one lane. ``--lanes 1`` runs them one after another in numeric order. Whatever
+the lanes, the results are the same files: a cache entry is made once, by whichever notebook asks first.
+
 papermill does the execution and parameter injection and nbconvert the HTML export; this module only orders
 the notebooks, times them and turns papermill's exception into a readable message.
 """
@@ -21,12 +29,14 @@ import argparse
 import ast
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dgq_utils import paths, timing
 from dgq_utils.atomic import atomic_write_json
+from dgq_utils.report import compare_runs, runs as run_folders
 from dgq_utils.report.parameters import check_chain_parameters
 
 ROOT = paths.REPO_ROOT
@@ -35,6 +45,10 @@ DEFAULT_OUT = paths.output_dir() / "report"
 
 #: parameters that --quick sets (every notebook reads the ones it declares)
 QUICK_PARAMETERS = {"quick": True}
+
+#: seconds of each notebook of the default CPU chain in one lane (benchmarks/results/chain_timings/timings.json):
+#: the weights :func:`plan_lanes` balances the lanes by; a notebook not listed weighs 60 s
+EXPECTED_SECONDS = {"01": 49.0, "02": 72.0, "03": 36.0, "04": 658.0, "05": 487.0, "06": 916.0}
 
 
 class ChainError(RuntimeError):
@@ -78,6 +92,38 @@ def export_html(executed: Path) -> Path:
     return html
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_lanes(parameters: dict) -> int:
+    """2 on a CPU run on a machine with at most two cores and no explicit ``threads`` (each notebook then runs
+    one torch thread, so a second lane uses the idle core); 1 otherwise (a GPU run, or torch already using
+    every core)."""
+    device = str(parameters.get("device", "cpu"))
+    if device.startswith("cuda") or parameters.get("threads") is not None:
+        return 1
+    return 2 if available_cpus() <= 2 else 1
+
+
+def plan_lanes(books: list[Path], lanes: int) -> list[list[Path]]:
+    """Spread ``books`` over at most ``lanes`` lanes: longest first onto the least loaded lane (weights
+    :data:`EXPECTED_SECONDS` by notebook number), then each lane in numeric order. Empty lanes are dropped."""
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+        raise ValueError(f"lanes: got {lanes!r}; allowed: an integer >= 1 (1 runs the notebooks one after "
+                         "another).")
+    load = [0.0] * lanes
+    plan: list[list[Path]] = [[] for _ in range(lanes)]
+    for book in sorted(books, key=lambda b: (-EXPECTED_SECONDS.get(Path(b).name[:2], 60.0), Path(b).name)):
+        i = min(range(lanes), key=lambda j: (load[j], j))
+        plan[i].append(book)
+        load[i] += EXPECTED_SECONDS.get(Path(book).name[:2], 60.0)
+    return [sorted(lane, key=lambda b: Path(b).name) for lane in plan if lane]
+
+
 def run_chain(
     parameters: dict | None = None,
     *,
@@ -85,12 +131,15 @@ def run_chain(
     notebooks: list[Path] | None = None,
     html: bool = True,
     kernel_name: str | None = None,
+    lanes: int | None = None,
     log=None,
 ) -> list[NotebookRun]:
-    """Execute ``notebooks`` (default: all numbered notebooks) in order with ``parameters``.
+    """Execute ``notebooks`` (default: all numbered notebooks) with ``parameters``, in ``lanes`` lanes
+    (``None``: :func:`default_lanes`; see the module docstring), each lane in numeric order.
 
-    Raises :class:`ChainError` naming the notebook and cell at the first failure; the partially executed
-    notebook is kept in ``out_dir`` for inspection.
+    Raises :class:`ChainError` naming the notebook and cell at the first failure (no further notebook is
+    started; one already running in another lane finishes); the partially executed notebook is kept in
+    ``out_dir`` for inspection. Returns the runs in numeric order.
     """
     import papermill as pm
 
@@ -109,28 +158,54 @@ def run_chain(
     if bad:
         raise ChainError("bad parameter value(s), nothing was run:\n  " + "\n  ".join(bad))
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: list[NotebookRun] = []
+    plan = plan_lanes(books, default_lanes(parameters) if lanes is None else lanes)
+    position = {book: i for i, book in enumerate(sorted(books, key=lambda b: b.name), 1)}
     total = len(books)
     stage_log = out_dir / "timings.jsonl"
     stage_log.unlink(missing_ok=True)
-    saved_env = {k: os.environ.get(k) for k in (timing.LOG_ENV, timing.NOTEBOOK_ENV)}
-    os.environ[timing.LOG_ENV] = str(stage_log.resolve())
+    if len(plan) > 1:
+        log("lanes: " + " | ".join(" ".join(b.name[:2] for b in lane) for lane in plan))
+    runs: list[NotebookRun] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def run_lane(lane: list[Path], name: str) -> None:
+        for book in lane:
+            if stop.is_set():
+                return
+            env = {timing.LOG_ENV: str(stage_log.resolve()), timing.NOTEBOOK_ENV: book.name}
+            try:
+                runs.append(_run_one(book, f"[{position[book]}/{total}]{name}", out_dir, parameters,
+                                     declared[book], kernel_name, html, log, env))
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
+                failures.append(err)
+                stop.set()
+                return
+
     chain_start = time.perf_counter()
-    try:
-        for i, book in enumerate(books, 1):
-            os.environ[timing.NOTEBOOK_ENV] = book.name
-            runs.append(_run_one(book, f"[{i}/{total}]", out_dir, parameters, declared[book], kernel_name, html, log))
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    write_timings(out_dir, parameters, runs, time.perf_counter() - chain_start, log)
+    if len(plan) == 1:
+        run_lane(plan[0], "")
+    else:
+        threads = [threading.Thread(target=run_lane, args=(lane, f" lane {i}"), name=f"dgq-lane-{i}", daemon=True)
+                   for i, lane in enumerate(plan, 1)]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except KeyboardInterrupt:
+            stop.set()
+            raise
+    if failures:
+        raise failures[0]
+    runs.sort(key=lambda r: r.notebook)
+    write_timings(out_dir, parameters, runs, time.perf_counter() - chain_start, log,
+                  lanes=[[b.name for b in lane] for lane in plan])
     return runs
 
 
-def write_timings(out_dir: Path, parameters: dict, runs: list[NotebookRun], wall: float, log) -> None:
+def write_timings(out_dir: Path, parameters: dict, runs: list[NotebookRun], wall: float, log,
+                  lanes: list[list[str]] | None = None) -> None:
     """``timings.json`` (per notebook, per stage, total), ``timings_stages.csv`` (:func:`dgq_utils.timing.summarise`
     of the stage log ``timings.jsonl``) in ``out_dir``, and the table printed through ``log``."""
     stages = timing.summarise(out_dir / "timings.jsonl")
@@ -140,6 +215,8 @@ def write_timings(out_dir: Path, parameters: dict, runs: list[NotebookRun], wall
         "parameters": parameters,
         "total_seconds": round(wall, 1),
         "seconds": {r.notebook: round(r.seconds, 1) for r in runs},
+        "notebook_seconds_sum": round(sum(r.seconds for r in runs), 1),
+        "lanes": lanes or [[r.notebook for r in runs]],
         # every stage, nested ones too (kmeans / weights / observe inside calibrate, bootstrap inside metrics)
         "stages": {nb: {row.stage: row.seconds for row in grp.itertuples()}
                    for nb, grp in nested.groupby("notebook")},
@@ -150,13 +227,34 @@ def write_timings(out_dir: Path, parameters: dict, runs: list[NotebookRun], wall
         top = stages[stages.notebook == r.notebook].head(4)
         parts = ", ".join(f"{row.stage} {row.seconds:.0f} s" for row in top.itertuples())
         lines.append(f"{r.notebook:32s} {r.seconds:8.1f}  {parts}")
+    if lanes and len(lanes) > 1:
+        lines.append(f"{'sum over notebooks':32s} {sum(r.seconds for r in runs):8.1f}  ({len(lanes)} lanes: "
+                     + " | ".join(" ".join(n[:2] for n in lane) for lane in lanes) + ")")
     lines.append(f"{'total (wall, with HTML export)':32s} {wall:8.1f}")
     log("\n".join(lines))
 
 
+def _kernel_manager_class(env: dict[str, str], cwd: Path):
+    """A jupyter_client kernel manager class whose kernels start in ``cwd`` with ``env`` added to the
+    environment. Per notebook, instead of changing ``os.environ`` and the working directory of this process
+    (papermill's ``cwd`` is an ``os.chdir``): two lanes start kernels at the same time."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LaneKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            merged = dict(os.environ)
+            merged.update(kw.pop("env", None) or {})
+            merged.update(env)
+            kw["cwd"] = str(cwd)
+            return await super().start_kernel(env=merged, **kw)
+
+    return LaneKernelManager
+
+
 def _run_one(book: Path, counter: str, out_dir: Path, parameters: dict, declared: set, kernel_name, html: bool,
-             log) -> NotebookRun:
-    """Execute one notebook with the parameters it declares, export it, and time it."""
+             log, env: dict[str, str] | None = None) -> NotebookRun:
+    """Execute one notebook with the parameters it declares (its kernel with ``env`` added), export it, and
+    time it."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -170,7 +268,7 @@ def _run_one(book: Path, counter: str, out_dir: Path, parameters: dict, declared
             parameters={k: v for k, v in parameters.items() if k in declared},
             kernel_name=kernel_name,
             progress_bar=False,
-            cwd=str(book.parent),
+            kernel_manager_class=_kernel_manager_class(dict(env or {}), book.parent.resolve()),
         )
     except PapermillExecutionError as err:
         first_line = (err.source or "").strip().splitlines()[:1]
@@ -190,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="a notebook parameter, e.g. -p device cuda (values parse as Python literals)")
     ap.add_argument("--quick", action="store_true", help="tiny N: the CI smoke run of the whole chain")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for executed notebooks and HTML")
+    ap.add_argument("--out", default=None, help="folder for executed notebooks and HTML (default: RUN/notebooks)")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (names or numbers, e.g. 01 03)")
     ap.add_argument("--no-html", action="store_true", help="skip the HTML export")
+    ap.add_argument("--lanes", type=int, default=None,
+                    help="notebooks run side by side (default: 2 on a CPU run with <= 2 cores, else 1)")
     args = ap.parse_args(argv)
 
     params = dict(QUICK_PARAMETERS) if args.quick else {}
@@ -203,12 +303,22 @@ def main(argv: list[str] | None = None) -> int:
         books = [b for b in books if b.stem in wanted or b.name in wanted or b.name[:2] in wanted]
         if not books:
             ap.error(f"--only {' '.join(args.only)} matches no notebook in {NOTEBOOK_DIR}")
+    if args.lanes is not None and args.lanes < 1:
+        ap.error(f"--lanes: got {args.lanes}; allowed: an integer >= 1 (1 runs the notebooks one after another)")
+    # the run folder named by the settings (run.json in it); notebooks get it as save_to (dgq_utils.report.runs)
+    run = run_folders.start_run(params, list_notebooks(), sys.argv[1:] if argv is None else argv, only=books)
+    out = args.out or run.notebooks_dir
+    start = time.perf_counter()
     try:
-        runs = run_chain(params, out_dir=args.out, notebooks=books, html=not args.no_html)
+        runs = run_chain(run.parameters, out_dir=out, notebooks=books, html=not args.no_html, lanes=args.lanes)
     except ChainError as err:
+        run.finish(error=str(err))
         print(f"report: {err}", file=sys.stderr)
         return 1
-    print(f"report: {len(runs)} notebooks in {sum(r.seconds for r in runs):.0f} s; outputs in {args.out}")
+    run.finish(runs)
+    print(f"report: {len(runs)} notebooks in {time.perf_counter() - start:.0f} s wall "
+          f"({sum(r.seconds for r in runs):.0f} s summed over notebooks); executed notebooks in {out}")
+    print(compare_runs.summary(run.folder))
     return 0
 
 

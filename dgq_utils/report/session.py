@@ -158,7 +158,9 @@ def setup(parameters: SetupConfig | Mapping[str, Any], **overrides: Any) -> Sess
                         f"got {type(parameters).__name__}")
     ctx = open_model(config.model_id, device=config.device, threads=config.threads,
                      work_root=None if config.work_dir is None else os.fspath(config.work_dir))
-    figures, results = output_dirs(config.save_to, quick=config.quick, kind=ctx.kind)
+    # no save_to (a notebook run by hand): a run folder named by this notebook's own settings, never the repo's
+    figures, results = output_dirs(config.save_to, quick=config.quick, kind=ctx.kind,
+                                   settings={f.name: getattr(config, f.name) for f in fields(SetupConfig)})
     # K-means fits kept beside the other caches: 06 fits the groups 04 fitted (same statistics), in another process
     kmeans.set_store(ctx.work_dir("kmeans"))
     prompts = ctx.prompts(config.n_prompts, seed=config.seed) if config.n_prompts else []
