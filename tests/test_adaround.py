@@ -288,3 +288,58 @@ def test_each_unet_call_is_sampled_once_whatever_the_upstream(pipe):
         dequantize_pipeline(pipe)
     # the official passes run the UNet 2-3 times per call; only the observing forward is sampled
     assert seen["fp"] == seen["per_tensor_quantized"] and all(v > 0 for v in seen["fp"].values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# block-wise (BRECQ-style) reconstruction: AdaRoundConfig.granularity="block"
+# ----------------------------------------------------------------------------------------------------------
+BLOCK = {**QUICK, "iters": 40, "granularity": "block", "block_calls": 4}
+
+
+def _block_run(pipe, **ada):
+    observation_memo.clear()
+    weight_memo.clear_weight_memo()
+    recipe = get_preset("baseline-w4a8-adaround").replace(weights={"adaround": {**BLOCK, **ada}})
+    return quantize_pipeline(pipe, recipe, PROMPTS, S, 0, progress=False).calibration["weight_rounding"]
+
+
+def test_block_rounding_lowers_the_block_loss_stays_within_one_step_and_is_deterministic(pipe):
+    wr = _block_run(pipe, keep_better=False)  # the learned rounding whatever its loss: the loss itself must drop
+    qs = get_quant_state(pipe)
+    assert wr["granularity"] == "block" and wr["blocks"] > 0 and wr["block_layers"] > 0
+    # every quantized layer is rounded exactly once: inside a block, or layer-wise outside every block
+    assert wr["block_layers"] + wr["layers"] == len(qs.layers)
+    assert not set(wr["per_layer"]) & {n for n in qs.layers if any(n.startswith(b + ".") for b in wr["per_block"])}
+    for b, d in wr["per_block"].items():
+        assert 1 <= d["calls"] <= 4 and d["seen"] >= d["calls"]
+    assert wr["block_loss_adaround"] < wr["block_loss_nearest"]  # summed over blocks, vs nearest on the same calls
+    assert sum(d["loss_adaround"] < d["loss_nearest"] for d in wr["per_block"].values()) > len(wr["per_block"]) / 2
+    masks = _masks(pipe)
+    assert len(masks) == len(qs.layers)
+    flipped = 0
+    for n, layer in qs.layers.items():
+        assert layer.soft_weight is None  # the optimisation's soft weights are gone
+        w, s = layer.weight.detach(), layer.weight_scale
+        near = fake_quant_rounded(w, s, layer.weight_zp, layer.weight_bits, nearest_round_up(w, s.expand(w.shape)),
+                                  symmetric=layer.weight_symmetric)
+        step = (layer.weight_fq - near).abs() / s.expand(w.shape)
+        assert float(step.max()) <= 1.0 + 1e-4, n  # within one grid step of nearest
+        flipped += int((step > 0.5).sum())
+    assert flipped > 0
+    dequantize_pipeline(pipe)
+    again = _block_run(pipe, keep_better=False)
+    assert again["per_block"] == wr["per_block"]
+    got = _masks(pipe)
+    assert all(torch.equal(got[k], masks[k]) for k in masks)  # same seed: bit-identical rounding
+
+
+def test_block_and_layer_granularity_are_kept_apart_and_keep_better_guards(pipe):
+    layer = _block_run(pipe, granularity="layer")
+    dequantize_pipeline(pipe)
+    observation_memo.clear()
+    wr = _block_run(pipe)  # keep_better=True: never worse than nearest on the block's calls
+    assert layer["blocks"] == 0 and wr["blocks"] > 0
+    for d in wr["per_block"].values():
+        assert d["loss_adaround"] <= d["loss_nearest"]
+        if d["kept_nearest"]:
+            assert d["flipped"] == 0
