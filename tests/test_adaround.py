@@ -343,3 +343,13 @@ def test_block_and_layer_granularity_are_kept_apart_and_keep_better_guards(pipe)
         assert d["loss_adaround"] <= d["loss_nearest"]
         if d["kept_nearest"]:
             assert d["flipped"] == 0
+
+
+def test_int8_conversion_leaves_learned_rounding_to_fake_quant():
+    from types import SimpleNamespace
+
+    from dgq_utils.quantize.int8 import fallback_reason
+
+    layer = SimpleNamespace(act=SimpleNamespace(params={0: None}, info={}), weight_quantized=True, weight_bits=8,
+                            weight_round_up=torch.ones(2, 2, dtype=torch.bool))
+    assert "AdaRound" in fallback_reason(layer, get_preset("baseline-w8a8"))  # its int8 codes would round to nearest
