@@ -276,9 +276,9 @@ class WeightQuantConfig(_ConfigMixin):
 
     ``rounding``: ``"nearest"`` (default) rounds every weight to the nearest level of the searched grid;
     ``"adaround"`` keeps that grid and learns per weight whether to round down or up so that each layer's output
-    on its calibration inputs stays close to FP (layer-wise AdaRound; settings in ``adaround``, an
-    :class:`AdaRoundConfig`). The official SD code uses BRECQ-style block reconstruction with the same rounding
-    variables; see ``dgq_utils.calibrate.reconstruction``. ``adaround`` is ignored for ``"nearest"``.
+    on its calibration inputs stays close to FP (layer-wise AdaRound by default; settings in ``adaround``, an
+    :class:`AdaRoundConfig`, whose ``granularity="block"`` reconstructs whole ResNet / transformer blocks as the
+    official SD code does, BRECQ-style); see ``dgq_utils.calibrate.reconstruction``. ``adaround`` is ignored for ``"nearest"``.
     """
 
     bits: int = 8
