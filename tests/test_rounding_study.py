@@ -44,3 +44,15 @@ def test_comparison_pairs_vs_fp_and_vs_nearest():
     assert abs(row["diff"] - 1.0) < 0.05 and row.ci_low > 0
     text = describe_rounding(t, ["psnr"])
     assert text.startswith("W4A8 psnr: AdaRound - nearest = +0.99") and "not resolved" not in text
+
+
+def test_metrics_measured_against_fp_come_from_the_table():
+    rr = rounding_recipes(rounding_plan("reduced"))
+    per_image = {k: pd.DataFrame({"prompt_index": range(4), "seed": 0, "psnr": [np.nan] * 4 if k == "fp" else
+                                  [20.0, 21, 22, 23]}) for k in ["fp"] + [r.name for r in rr]}
+    table = pd.DataFrame({"recipe": [r.name for r in rr], "metric": "psnr", "value": [21.5, 22.0],
+                          "ci_low": [20.0, 20.5], "ci_high": [23.0, 23.5], "n": 4})
+    t = rounding_comparison(per_image, rr, ["psnr"], n_boot=100, table=table)
+    fp = t[t.reference == "fp"]
+    assert list(fp["diff"]) == [21.5, 22.0] and set(fp.kind) == {"measured vs FP"}
+    assert t[t.reference == "nearest"].kind.tolist() == ["paired difference"]

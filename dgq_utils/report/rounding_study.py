@@ -72,19 +72,32 @@ def rounding_recipes(plan: RoundingPlan, family: str = "dgq") -> list:
 
 
 def rounding_comparison(per_image: dict, recipes: Sequence, metrics: Sequence[str], *, n_boot: int = 1000,
-                        seed: int = 0) -> pd.DataFrame:
+                        seed: int = 0, table: pd.DataFrame | None = None) -> pd.DataFrame:
     """Paired differences (``recipe - reference``, 95% CI) of every recipe vs FP (``reference="fp"``) and of each
     AdaRound recipe vs the nearest recipe of its bit-width (``reference="nearest"``); ``recipes`` as returned by
-    :func:`rounding_recipes` (pairs nearest, AdaRound). One row per (recipe, reference, metric)."""
+    :func:`rounding_recipes` (pairs nearest, AdaRound). One row per (recipe, reference, metric).
+
+    Metrics that are themselves measured against FP (PSNR, SSIM, LPIPS: FP has no value of its own) have no paired
+    difference to FP; with ``table`` (the comparison's per-recipe table: ``recipe, metric, value, ci_low,
+    ci_high, n``) their values are added as the ``reference="fp"`` rows (``kind="measured vs FP"``)."""
     recipes = list(recipes)
     names = [r.name for r in recipes]
     vs_fp = paired_vs({k: per_image[k] for k in ["fp"] + names}, "fp", metrics, n_boot=n_boot, seed=seed)
     vs_fp.insert(1, "reference", "fp")
+    vs_fp["kind"] = "paired difference"
     parts = [vs_fp]
+    if table is not None:
+        have = set(zip(vs_fp.recipe, vs_fp.metric))
+        t = table[table.recipe.isin(names) & table.metric.isin(metrics)]
+        t = t[[(r, m) not in have for r, m in zip(t.recipe, t.metric)]]
+        parts.append(pd.DataFrame({"recipe": t.recipe, "reference": "fp", "metric": t.metric, "diff": t.value,
+                                   "ci_low": t.ci_low, "ci_high": t.ci_high, "n": t.n,
+                                   "kind": "measured vs FP"}))
     for near, ada in zip(recipes[0::2], recipes[1::2]):
         d = paired_vs({near.name: per_image[near.name], ada.name: per_image[ada.name]}, near.name, metrics,
                       n_boot=n_boot, seed=seed)
         d.insert(1, "reference", "nearest")
+        d["kind"] = "paired difference"
         parts.append(d)
     out = pd.concat(parts, ignore_index=True)
     by_name = {r.name: r for r in recipes}
