@@ -35,6 +35,7 @@ _API = {
     # what to quantize and how to sample
     "QuantRecipe": "dgq_utils.config",
     "WeightQuantConfig": "dgq_utils.config",
+    "AdaRoundConfig": "dgq_utils.config",
     "ActQuantConfig": "dgq_utils.config",
     "AttentionQuantConfig": "dgq_utils.config",
     "SamplerSettings": "dgq_utils.config",

@@ -77,7 +77,8 @@ def test_weight_memo_returns_the_search_result_and_copies(range_method):
     want = weight_qparams(w, 4, granularity="per_channel", symmetric=False, range_method=range_method)
     a = weight_memo.memo_weight_qparams(w, 4, range_method=range_method)
     b = weight_memo.memo_weight_qparams(w.clone(), 4, range_method=range_method)  # same bytes: a hit
-    assert weight_memo.weight_memo_info() == {"entries": 1, "hits": 1, "misses": 1}
+    assert weight_memo.weight_memo_info() == {"entries": 1, "hits": 1, "misses": 1, "rounding_entries": 0,
+                                              "rounding_hits": 0, "rounding_misses": 0}
     for got in (a, b):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     b[0].mul_(2)  # a caller changing its copy does not change the memo

@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from dgq_utils.calibrate import observation_memo
+from dgq_utils.calibrate import observation_memo, reconstruction
 from dgq_utils.calibrate.trace import TRACE_SAMPLER, Trace
 from dgq_utils.config.sampler import SamplerSettings, check_sampler, takes_sampler
 from dgq_utils.config.validation import check_prompts, check_seed
@@ -83,9 +83,11 @@ class CalibrationNotes(list):
 
 
 def needs_calibration(recipe) -> bool:
-    """Whether the recipe has anything that needs calibration data (activations or a static softmax scale)."""
+    """Whether the recipe has anything that needs calibration data (activations, a static softmax scale, or
+    learned weight rounding)."""
     att = recipe.attention
-    return recipe.activations is not None or (att is not None and att.enabled and att.scale == "static")
+    return (recipe.activations is not None or (att is not None and att.enabled and att.scale == "static")
+            or reconstruction.wants_reconstruction(recipe))
 
 
 def _set_all_modes(qstate, mode: str) -> None:
@@ -161,12 +163,15 @@ def calibrate(
             _set_all_modes(qstate, "off")
 
         controller.callback = official_passes
+    reconstruct = reconstruction.wants_reconstruction(recipe)
     memo_key = observation_memo.observation_key(pipe, qstate, prompts, sampler, seed)
     seen = observation_memo.lookup(memo_key)
     if seen is not None:  # the same observation was made for another recipe in this process: reuse it
         _set_all_modes(qstate, "off")
         observation_memo.restore(seen, qstate)
+        samples = dict(seen.inputs)
     else:
+        handles = reconstruction.attach(qstate, pipe.unet) if reconstruct else []
         warm = None
         if act_cfg is not None and act_cfg.granularity == "group":
             fits = len(act_quantizers) * (int(num_inference_steps) + 1)  # about one fit per quantizer, UNet call
@@ -183,7 +188,8 @@ def calibrate(
         finally:
             controller.callback = None
             _set_all_modes(qstate, "off")
-        observation_memo.remember(memo_key, qstate)
+            samples = reconstruction.detach(qstate, handles) if reconstruct else {}
+        observation_memo.remember(memo_key, qstate, inputs=samples)
     controller.finish_calibration()
     t_passes = time.perf_counter()
 
@@ -204,6 +210,11 @@ def calibrate(
         finalize_prob_quantizer(pq, upstream)
     for q in act_quantizers:
         q.clear_stats()
+    t_finalize = time.perf_counter()
+    weight_rounding = {"rounding": "nearest"}
+    if reconstruct:
+        weight_rounding = reconstruction.reconstruct(qstate, samples, unet=pipe.unet, notes=notes)
+    del samples
 
     _set_all_modes(qstate, "quant")
     for q in act_quantizers:  # the parameter stacks the GPU kernel / compiled graph read, built once, now
@@ -225,8 +236,10 @@ def calibrate(
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_passes": round(t_passes - t0, 3),
         "observation_reused": seen is not None,
-        "seconds_finalize": round(time.perf_counter() - t_passes, 3),
+        "seconds_finalize": round(t_finalize - t_passes, 3),
         "seconds_groups": timings.get("seconds_groups", 0.0),
+        "seconds_reconstruction": round(time.perf_counter() - t_finalize, 3),
+        "weight_rounding": weight_rounding,
         "notes": list(notes),
     }
 

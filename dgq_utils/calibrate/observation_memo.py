@@ -3,7 +3,8 @@
 With the sound ``calibration_upstream="fp"`` every quantizer observes the FP model: what it records depends on
 the model, the calibration prompts, sampler and seed, which quantizers exist (names, layouts, what each records:
 axes, EMA momentum, percentiles, ``<start>`` column kept out of the softmax max) and whether the timestep sets are
-shared -- not on bit-widths, groups, K, weights or the rest of the recipe. So the report's W8A8 / W8A6 / W4A8
+shared, and -- for recipes with AdaRound weights, whose passes also sample every layer's inputs -- the sample
+size and seed -- not on bit-widths, groups, K, weights or the rest of the recipe. So the report's W8A8 / W8A6 / W4A8
 recipes of one method, and most ablation variants of DGQ, would run the same observation passes (a full sampling
 run per calibration prompt, most of a CPU calibration's time). :func:`lookup` / :func:`remember` keep the last
 :data:`MEMO_SIZE` observations of this process, keyed by all of that; :func:`dgq_utils.calibrate.calibration
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dgq_utils.calibrate.reconstruction import capture_key
 from dgq_utils.keys import stable_hash
 
 __all__ = ["MEMO_SIZE", "Observation", "clear", "lookup", "observation_key", "remember", "restore"]
@@ -35,13 +37,19 @@ _memo: "OrderedDict[str, Observation]" = OrderedDict()
 @dataclass
 class Observation:
     """What the observation passes leave behind: the statistics per activation quantizer name, the observed
-    softmax maxima per probability quantizer name, the device the inputs lived on, and the calibration schedule."""
+    softmax maxima per probability quantizer name, the device the inputs lived on, the calibration schedule, and
+    the sampled layer inputs for weight reconstruction (when the recipe captures them)."""
 
     act_stats: dict
     prob_max: dict
     stats_device: dict
     schedule: list
     generations: int
+    inputs: dict = None  # layer name -> InputSample (weight reconstruction), {} when none were captured
+
+    def __post_init__(self):
+        if self.inputs is None:
+            self.inputs = {}
 
 
 def _weights_hash(pipe) -> str | None:
@@ -84,6 +92,10 @@ def observation_key(pipe, qstate, prompts, sampler, seed: int) -> str | None:
         # token 0 of K / V bypassing their quantizers changes what those observe
         "procs": [[name, bool(p.enabled), bool(p.key_start_fp), bool(p.value_start_fp)]
                   for name, p in sorted(qstate.processors.items())],
+        # weight reconstruction (AdaRound) also samples every quantized layer's inputs: which layers, how many
+        # rows, which seed (None: nothing captured)
+        "capture": None if capture_key(qstate.recipe) is None
+        else [capture_key(qstate.recipe), [[name, type(layer).__name__] for name, layer in qstate.layers.items()]],
     }, 32)
 
 
@@ -95,8 +107,9 @@ def lookup(key: str | None) -> Observation | None:
     return copy.deepcopy(_memo[key])
 
 
-def remember(key: str | None, qstate) -> None:
-    """Keep a deep copy of what ``qstate``'s quantizers and controller observed, under ``key``."""
+def remember(key: str | None, qstate, inputs: dict | None = None) -> None:
+    """Keep a deep copy of what ``qstate``'s quantizers and controller observed (and of the captured layer
+    ``inputs``, if any), under ``key``."""
     if key is None:
         return
     acts, probs, ctl = qstate.act_quantizers(), qstate.prob_quantizers(), qstate.controller
@@ -107,6 +120,7 @@ def remember(key: str | None, qstate) -> None:
         stats_device={q.name: q.stats_device for q in acts},
         schedule=list(ctl.schedule),
         generations=int(ctl.calibration_generations),
+        inputs=copy.deepcopy(dict(inputs or {})),
     )
     _memo.move_to_end(key)
     while len(_memo) > MEMO_SIZE:

@@ -1,5 +1,9 @@
 """Named recipes: ``fp``, ``baseline-wXaY`` (and ``-shared``), ``dgq-wXaY`` (``-g8``/``-g4``),
-``dgq-official-wXaY``; :func:`get_preset` with a did-you-mean for unknown names.
+``dgq-official-wXaY``, and the W4 recipes with learned weight rounding ``dgq-w4aY-adaround`` /
+``baseline-w4aY-adaround``; :func:`get_preset` with a did-you-mean for unknown names.
+
+Any recipe can ask for AdaRound weights the same way the ``-adaround`` presets do:
+``recipe.replace(weights={"rounding": "adaround"})`` (settings: ``weights={"adaround": {"iters": 500}}``).
 """
 from __future__ import annotations
 
@@ -88,6 +92,11 @@ def _build_presets() -> dict[str, QuantRecipe]:
             presets[f"dgq-w{wb}a{ab}-g{groups}"] = _dgq(wb, ab, groups=groups)
     for wb, ab in _BIT_COMBOS:
         presets[f"dgq-official-w{wb}a{ab}"] = _dgq(wb, ab, official=True)
+    for base in ("dgq", "baseline"):  # learned weight rounding where it matters: the 4-bit weights
+        for wb, ab in _BIT_COMBOS:
+            if wb == 4:
+                name = f"{base}-w{wb}a{ab}-adaround"
+                presets[name] = presets[f"{base}-w{wb}a{ab}"].replace(name=name, weights={"rounding": "adaround"})
     for key, r in presets.items():
         assert key == r.name, (key, r.name)
     return presets

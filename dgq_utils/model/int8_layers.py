@@ -64,6 +64,7 @@ class _Converted:
         self.weight_scale = layer.weight_scale.detach().clone()
         self.weight_zp = layer.weight_zp.detach().clone()
         self.weight_quantized = True
+        self.weight_round_up = None  # layers with learned (AdaRound) rounding are never converted
 
     @property
     def enabled(self) -> bool:

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dgq_utils.core.adaround import fake_quant_rounded
 from dgq_utils.core.quantizers import (
     fake_quant_uniform,
     uniform_qparams,
@@ -62,6 +63,7 @@ __all__ = ["LAYER_MODES", "QUANT_MODES", "ActQuantizer", "QuantConv2d", "QuantLi
 QUANT_MODES = ("off", "observe", "quant", "init", "observe_quant")
 LAYER_MODES = QUANT_MODES
 _QUANTIZING_MODES = ("quant", "init", "observe_quant")
+_OBSERVING_MODES = ("observe", "observe_quant")
 
 
 class ActQuantizer(nn.Module):
@@ -257,6 +259,7 @@ def _set_layer_mode(layer, mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; use one of {LAYER_MODES}.")
     if layer.act is not None:
         layer.act.mode = mode
+    layer.mode = mode
     layer.use_quantized_weight = mode in _QUANTIZING_MODES and layer.weight_quantized
 
 
@@ -274,6 +277,17 @@ class _QuantLayerMixin:
         self.weight_zp: Tensor | None = None
         self.weight_bits: int | None = None
         self.weight_symmetric = False
+        #: bool mask, weight-shaped: learned rounding (AdaRound; ``True`` = the level above ``floor(w / s)``), or
+        #: ``None`` for round-to-nearest
+        self.weight_round_up: Tensor | None = None
+        #: an :class:`~dgq_utils.core.input_sample.InputSample` fed with this layer's raw input on every forward in
+        #: an observing mode (``"observe"`` / ``"observe_quant"``) while set (calibration sets it for weight
+        #: reconstruction), else ``None``
+        self.capture = None
+        self.mode = "off"
+        #: a callable returning the weight to use instead of any other (block reconstruction's soft-rounded
+        #: weight, differentiable), or ``None``
+        self.soft_weight = None
         self.use_quantized_weight = False
         self.enabled = True
         #: ``"auto"`` (default): cache the fake-quantized weight on the CPU, recompute it per forward on a GPU
@@ -288,8 +302,12 @@ class _QuantLayerMixin:
 
     @torch.no_grad()
     def quantize_weight(self, cfg=None, *, scale: Tensor | None = None, zero_point: Tensor | None = None,
-                        bits: int | None = None, symmetric: bool | None = None) -> None:
-        """Fake-quantize the weight once and cache it (``cfg``: a ``WeightQuantConfig``; or explicit params)."""
+                        bits: int | None = None, symmetric: bool | None = None,
+                        round_up: Tensor | None = None) -> None:
+        """Fake-quantize the weight once and cache it (``cfg``: a ``WeightQuantConfig``; or explicit params).
+
+        ``round_up`` (bool, weight-shaped): learned rounding instead of round-to-nearest (AdaRound); the weight is
+        then always cached, on a GPU too (the fused kernel rounds to nearest)."""
         w = self.weight.detach()
         if not bool(torch.isfinite(w).all()):
             raise FloatingPointError(f"Layer {self.name!r} has non-finite (NaN/inf) weights; cannot quantize them.")
@@ -305,8 +323,14 @@ class _QuantLayerMixin:
         zero_point = zero_point.to(device=w.device, dtype=torch.float32)
         self.weight_scale, self.weight_zp = scale, zero_point
         self.weight_bits, self.weight_symmetric = int(bits), bool(symmetric)
+        if round_up is not None:
+            if tuple(round_up.shape) != tuple(w.shape):
+                raise ValueError(f"Layer {self.name!r}: round_up has shape {tuple(round_up.shape)}, the weight "
+                                 f"{tuple(w.shape)}.")
+            round_up = round_up.to(device=w.device, dtype=torch.bool)
+        self.weight_round_up = round_up
         self._weight_stack = None
-        cache = self.weight_cache if self.weight_cache != "auto" else w.device.type == "cpu"
+        cache = self.weight_cache if self.weight_cache != "auto" else (w.device.type == "cpu" or round_up is not None)
         self.weight_fq = self._fake_quant_weight() if cache else None
 
     @property
@@ -321,6 +345,12 @@ class _QuantLayerMixin:
         if self.weight_scale.device != w.device:
             self.weight_scale, self.weight_zp = self.weight_scale.to(w.device), self.weight_zp.to(w.device)
             self._weight_stack = None
+        if self.weight_round_up is not None:
+            up = self.weight_round_up
+            if up.device != w.device:
+                up = self.weight_round_up = up.to(w.device)
+            return fake_quant_rounded(w, self.weight_scale, self.weight_zp, self.weight_bits, up,
+                                      symmetric=self.weight_symmetric)
         if not torch.compiler.is_compiling() and fused.available(w):
             st = self._weight_stack
             if st is None:
@@ -337,6 +367,8 @@ class _QuantLayerMixin:
         _set_layer_mode(self, mode)
 
     def _weight(self) -> Tensor:
+        if self.soft_weight is not None:
+            return self.soft_weight()
         if not self.use_quantized_weight:
             return self.weight
         if self.weight_fq is not None:
@@ -360,6 +392,8 @@ class QuantLinear(_QuantLayerMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
+        if self.capture is not None and self.mode in _OBSERVING_MODES:
+            self.capture.add(x)
         if self.act is not None:
             x = self.act(x)
         return F.linear(x, self._weight(), self.bias)
@@ -394,6 +428,8 @@ class QuantConv2d(_QuantLayerMixin, nn.Module):
         conv = self._original[0]
         if not self.enabled:
             return conv._conv_forward(x, self.weight, self.bias)
+        if self.capture is not None and self.mode in _OBSERVING_MODES:
+            self.capture.add(x)
         act = self.act
         if self.layout == "unfold" and act is not None and act.mode != "off":
             if act.mode == "observe":  # statistics of the unfolded input, FP convolution for the output

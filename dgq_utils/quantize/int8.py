@@ -105,6 +105,8 @@ def fallback_reason(layer, recipe) -> str | None:
         return "no calibrated activation quantizer"
     if not layer.weight_quantized or layer.weight_bits != 8:
         return "weight not 8-bit"
+    if getattr(layer, "weight_round_up", None) is not None:
+        return "learned (AdaRound) weight rounding (the 8-bit codes round to nearest)"
     if isinstance(layer, QuantConv2d):
         if layer.layout != "tensor":
             return "conv layout 'unfold'"

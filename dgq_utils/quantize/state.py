@@ -31,6 +31,7 @@ from safetensors.torch import save
 from dgq_utils.atomic import atomic_write_bytes
 from dgq_utils.config import QuantRecipe
 from dgq_utils.config.validation import check_choice
+from dgq_utils.core.adaround import pack_mask, unpack_mask
 from dgq_utils.model.timesteps import MISMATCH_POLICIES, mapping_for
 from dgq_utils.quantize.pipeline import (
     QuantizationReport,
@@ -102,7 +103,9 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 def save_quant_state(pipe, path: str | os.PathLike) -> Path:
     """Write the calibrated quantization state of ``pipe`` to ONE ``.safetensors`` file (atomically).
 
-    Tensors: per quantized layer its weight scale / zero point (``{layer}.weight.scale|zero_point``); per
+    Tensors: per quantized layer its weight scale / zero point (``{layer}.weight.scale|zero_point``) and, for
+    learned rounding (``weights.rounding="adaround"``), its round-up mask packed 8 per byte
+    (``{layer}.weight.round_up``); per
     activation quantizer and timestep set its scale / zero point (broadcast-shaped) and group ids
     (``{quantizer}.set{i}.scale|zero_point|ids``); static softmax maxima (``{attention}.prob.set{i}.max``).
     Metadata (strings): ``format``, ``recipe`` (JSON), ``architecture`` (the UNet's layer list with weight shapes),
@@ -119,6 +122,8 @@ def save_quant_state(pipe, path: str | os.PathLike) -> Path:
         if layer.weight_quantized:
             put(f"{name}.weight.scale", layer.weight_scale)
             put(f"{name}.weight.zero_point", layer.weight_zp)
+            if layer.weight_round_up is not None:
+                put(f"{name}.weight.round_up", pack_mask(layer.weight_round_up))
     quant_meta = {}
     for q in qs.act_quantizers():
         sets = {}
@@ -257,9 +262,19 @@ def _parameter_problems(recipe: QuantRecipe, parsed: dict, tensors: dict, unet) 
     layers = {d["name"]: d for d in arch if d["type"] in ("linear", "conv")}
     skipped = set(parsed["skipped"])
     if recipe.weights is not None:
+        learned = recipe.weights.rounding == "adaround"
         for name in layers:
             if name not in skipped:
                 expected |= {f"{name}.weight.scale", f"{name}.weight.zero_point"}
+                if learned:
+                    expected.add(f"{name}.weight.round_up")
+                    packed = tensors.get(f"{name}.weight.round_up")
+                    numel = 1
+                    for d in layers[name]["weight_shape"]:
+                        numel *= int(d)
+                    if packed is not None and packed.numel() != (numel + 7) // 8:
+                        out.append(f"layer {name!r}: its rounding mask has {packed.numel()} bytes, the weight "
+                                   f"needs {(numel + 7) // 8}; {_RECALIBRATE}.")
     mapping = controller.get("mapping")
     schedule = controller.get("schedule", [])
     if recipe.activations is not None and mapping != mapping_for(recipe):
@@ -353,9 +368,12 @@ def load_quant_state(pipe, path: str | os.PathLike, *, on_timestep_mismatch: str
             qs.calibration = parsed["calibration"]
             if recipe.weights is not None:
                 for name, layer in qs.layers.items():
+                    packed = tensors.get(f"{name}.weight.round_up")
                     layer.quantize_weight(scale=tensors[f"{name}.weight.scale"],
                                           zero_point=tensors[f"{name}.weight.zero_point"],
-                                          bits=recipe.weights.bits, symmetric=recipe.weights.symmetric)
+                                          bits=recipe.weights.bits, symmetric=recipe.weights.symmetric,
+                                          round_up=None if packed is None
+                                          else unpack_mask(packed, tuple(layer.weight.shape)))
             for q in qs.act_quantizers():
                 sets = quant_meta.get(q.name)
                 if sets is None:

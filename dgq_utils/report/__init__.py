@@ -22,4 +22,5 @@ from dgq_utils.report.layer_names import *  # noqa: F401,F403
 from dgq_utils.report.outliers import *  # noqa: F401,F403
 from dgq_utils.report.paper_protocol import *  # noqa: F401,F403
 from dgq_utils.report.prose import *  # noqa: F401,F403
+from dgq_utils.report.rounding_study import *  # noqa: F401,F403
 from dgq_utils.report.session import *  # noqa: F401,F403
