@@ -28,6 +28,7 @@ __all__ = [
     "component_recipes",
     "component_label",
     "COMPONENT_LABELS",
+    "CPU_COMPONENTS",
     "component_table",
     "paper_grid_recipes",
     "paper_table2_layout",
@@ -91,28 +92,41 @@ COMPONENT_LABELS = {
 }
 
 
-def component_recipes(setting: str = "w8a8") -> list:
+#: the component changes notebook 07 runs by default on a CPU (where each costs a calibration and a generation)
+CPU_COMPONENTS = ["-contiguous", "-per-tensor-ema", "-shared-timesteps"]
+
+
+def component_recipes(setting: str = "w8a8", components: Sequence[str] | None = None) -> list:
     """DGQ at ``setting`` (first), then DGQ with one component moved to the per-tensor baseline's choice at a time,
     then the baseline and the baseline with DGQ's softmax quantizer (log2, per-prompt scale, ``<start>`` FP).
 
+    ``components``: the changes to include, as :data:`COMPONENT_LABELS` keys (``"-contiguous"``, ...,
+    ``"baseline-log2-softmax"``); ``None``: all. DGQ and the baseline are always included.
     The range estimator only applies to per-tensor ranges (group ranges are min/max, as in the official code), so
     it is measured as the step per-tensor min/max → per-tensor EMA.
     """
+    allowed = [k for k in COMPONENT_LABELS if k not in ("", "baseline")]
+    if components is not None:
+        unknown = [c for c in components if c not in allowed]
+        if unknown:
+            raise ValueError(f"components: unknown change(s) {unknown}; allowed: {allowed} (or None for all).")
     d = get_preset(f"dgq-{setting}")
     b = get_preset(f"baseline-{setting}")
     base = d.name
     ema = {"granularity": "per_tensor", "range_estimator": "ema", "ema_momentum": b.activations.ema_momentum}
-    return [
-        d,
-        d.replace(name=f"{base}-contiguous", activations={"grouping": "contiguous"}),
-        d.replace(name=f"{base}-zero-in-range", activations={"group_range_includes_zero": True}),
-        d.replace(name=f"{base}-per-tensor", activations={"granularity": "per_tensor"}),
-        d.replace(name=f"{base}-per-tensor-ema", activations=ema),
-        d.replace(name=f"{base}-shared-timesteps", per_timestep=False),
-        d.replace(name=f"{base}-baseline-softmax", attention=b.attention),
-        b,
-        b.replace(name=f"{b.name}-log2-softmax", attention=d.attention),
-    ]
+    changes = {
+        "-contiguous": lambda: d.replace(name=f"{base}-contiguous", activations={"grouping": "contiguous"}),
+        "-zero-in-range": lambda: d.replace(name=f"{base}-zero-in-range",
+                                            activations={"group_range_includes_zero": True}),
+        "-per-tensor": lambda: d.replace(name=f"{base}-per-tensor", activations={"granularity": "per_tensor"}),
+        "-per-tensor-ema": lambda: d.replace(name=f"{base}-per-tensor-ema", activations=ema),
+        "-shared-timesteps": lambda: d.replace(name=f"{base}-shared-timesteps", per_timestep=False),
+        "-baseline-softmax": lambda: d.replace(name=f"{base}-baseline-softmax", attention=b.attention),
+        "baseline-log2-softmax": lambda: b.replace(name=f"{b.name}-log2-softmax", attention=d.attention),
+    }
+    chosen = allowed if components is None else [c for c in allowed if c in components]
+    out = [d] + [changes[c]() for c in chosen if c.startswith("-")] + [b]
+    return out + [changes[c]() for c in chosen if not c.startswith("-")]
 
 
 def component_label(name: str) -> str:
