@@ -148,3 +148,13 @@ def test_session_calibration_set_by_count():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="n_calibration: got"):
             s.calibration_set(bad)
+
+
+def test_sweep_takes_fidelity_metrics_from_the_results_table():
+    per = {4: _per_image({"fp": np.full(8, 30.0), "baseline-w8a8": 20 + _noise(8, 1), "dgq-w8a8": 18 + _noise(8, 2)})}
+    paired = {4: pd.DataFrame(columns=["recipe", "metric", "value", "ci_low", "ci_high", "n"])}
+    tables = {4: pd.DataFrame([{"recipe": r, "metric": "psnr", "value": v, "ci_low": v - 1, "ci_high": v + 1, "n": 8}
+                               for r, v in (("fp", np.inf), ("baseline-w8a8", 20.0), ("dgq-w8a8", 18.0))])}
+    t = C.calibration_sweep_table(paired, per, ["psnr"], tables_by_size=tables, n_boot=100)
+    vs = t[t.comparison == "vs fp"].set_index("recipe")
+    assert list(vs.index) == ["baseline-w8a8", "dgq-w8a8"] and vs.loc["dgq-w8a8", "diff"] == 18.0

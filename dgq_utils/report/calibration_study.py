@@ -49,17 +49,26 @@ def _setting_of(recipe: str) -> str:
 
 def calibration_sweep_table(paired_by_size: Mapping[int, pd.DataFrame],
                             per_image_by_size: Mapping[int, Mapping[str, pd.DataFrame]], metrics: Sequence[str], *,
-                            n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+                            tables_by_size: Mapping[int, pd.DataFrame] | None = None, n_boot: int = 1000,
+                            seed: int = 0) -> pd.DataFrame:
     """One row per (number of calibration prompts, comparison, recipe, metric).
 
     ``paired_by_size``: per size, :func:`~dgq_utils.evaluate.compare.run_comparison`'s paired-vs-FP table
     (``comparison = "vs fp"``); ``per_image_by_size``: per size, its per-image tables, from which DGQ − baseline
     is computed for every bit setting that has both (``comparison = "dgq - baseline"``, ``recipe`` the DGQ one).
+    ``tables_by_size``: per size, the results table; a metric that is already a comparison to FP (PSNR, SSIM,
+    LPIPS: no paired-vs-FP row) gives its ``vs fp`` row from there (its mean with the bootstrap CI).
     """
     rows = []
     for n_cal in sorted(paired_by_size):
         p = paired_by_size[n_cal]
         p = p[p["metric"].isin(metrics)]
+        if tables_by_size is not None and n_cal in tables_by_size:
+            t = tables_by_size[n_cal]
+            have = set(zip(p["recipe"], p["metric"]))
+            extra = t[t["metric"].isin(metrics) & (t["recipe"] != "fp")
+                      & ~pd.Series(list(zip(t["recipe"], t["metric"])), index=t.index).isin(have)]
+            p = pd.concat([p, extra[[c for c in p.columns if c in extra.columns]]], ignore_index=True)
         for r in p.itertuples():
             rows.append({"n_calibration": int(n_cal), "comparison": "vs fp", "setting": _setting_of(r.recipe),
                          "recipe": r.recipe, "metric": r.metric, "diff": r.value, "ci_low": r.ci_low,

@@ -555,7 +555,8 @@ def calibration_curve(sweep: pd.DataFrame, metrics: Sequence[str], *, path=None,
                             label=recipe if comparison == "vs fp" else f"{g['setting'].iloc[0]}: DGQ − baseline")
             ax.axhline(0, color="black", lw=0.8)
             ax.set_xscale("log", base=2)
-            ax.set(xlabel="calibration prompts", ylabel=f"{m}: " + ("recipe − FP" if comparison == "vs fp"
+            to_fp = "to FP" if m in ("psnr", "ssim", "lpips") else "recipe − FP"
+            ax.set(xlabel="calibration prompts", ylabel=f"{m}: " + (to_fp if comparison == "vs fp"
                                                                   else "DGQ − baseline"))
             if len(d):
                 ax.legend(fontsize=7)
