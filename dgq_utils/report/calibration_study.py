@@ -102,7 +102,7 @@ COMPONENT_LABELS = {
 
 
 #: the component changes notebook 07 runs by default on a CPU (where each costs a calibration and a generation)
-CPU_COMPONENTS = ["-contiguous", "-per-tensor"]
+CPU_COMPONENTS = ["-per-tensor"]
 
 
 def component_recipes(setting: str = "w8a8", components: Sequence[str] | None = None) -> list:
