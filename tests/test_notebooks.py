@@ -28,6 +28,7 @@ EXPECTED = [
     "04_quantized_inference.ipynb",
     "05_evaluation.ipynb",
     "06_ablations.ipynb",
+    "07_calibration_sensitivity.ipynb",
 ]
 REQUIRED = {"model_id": None, "device": "cpu", "quick": False, "seed": 0}
 
@@ -53,7 +54,7 @@ def _parameters(nb) -> tuple[int, dict]:
     return idx[0], values
 
 
-def test_the_six_notebooks_exist():
+def test_the_seven_notebooks_exist():
     assert [p.name for p in _books()] == EXPECTED
 
 
@@ -79,11 +80,11 @@ def test_parameters_cell_contract(name):
 
 
 def test_shared_parameters_agree_across_notebooks():
-    """Notebooks 04-06 share caches and prompt lists: their common knobs must have the same defaults."""
+    """Notebooks 04-07 share caches and prompt lists: their common knobs must have the same defaults."""
     params = {p.name[:2]: _parameters(_read(p))[1] for p in _books()}
     for key in ("n_prompts", "n_calibration", "num_inference_steps", "guidance_scale", "batch_size", "work_dir"):
-        values = {nb: v[key] for nb, v in params.items() if nb in ("04", "05", "06")}
-        assert len(set(map(repr, values.values()))) == 1, f"{key} differs across 04-06: {values}"
+        values = {nb: v[key] for nb, v in params.items() if nb in ("04", "05", "06", "07")}
+        assert len(set(map(repr, values.values()))) == 1, f"{key} differs across 04-07: {values}"
     for key in ("num_inference_steps", "guidance_scale"):
         values = {nb: v[key] for nb, v in params.items() if key in v}
         assert len(set(values.values())) == 1, f"{key} differs: {values}"
@@ -133,7 +134,7 @@ def test_notebook_runs_quick_on_tiny_model(name, tiny_run):
 
 @pytest.mark.slow
 def test_quick_chain_with_papermill_on_default_model(tmp_path):
-    """What CI's smoke run of the report does: all six notebooks, papermill, the embedded model, quick mode."""
+    """What CI's smoke run of the report does: all seven notebooks, papermill, the embedded model, quick mode."""
     from dgq_utils.report.chain import run_chain
 
     params = {"quick": True, "save_to": str(tmp_path / "out"), "work_dir": str(tmp_path / "work")}
@@ -142,7 +143,8 @@ def test_quick_chain_with_papermill_on_default_model(tmp_path):
     assert all(r.output.exists() and r.html.exists() for r in runs)
     res = tmp_path / "out" / "results"
     for table in ("01_outliers_per_layer.csv", "02_error_vs_groups.csv", "03_prob_quant_error.csv",
-                  "04_fidelity.csv", "05_results.csv", "06_ablations.csv"):
+                  "04_fidelity.csv", "05_results.csv", "06_ablations.csv",
+                  "07_calibration_sizes.csv", "07_calibration_components.csv", "07_table2_layout.csv"):
         assert (res / table).is_file(), table
 
 

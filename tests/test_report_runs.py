@@ -127,7 +127,7 @@ def test_bad_parameters_leave_no_run_folder(outputs, monkeypatch, tmp_path, caps
     assert not (outputs / "runs").exists() or not any((outputs / "runs").iterdir())
 
 
-def _fake_run(folder: Path, *, complete=True, quick=False, notebooks=("01", "02", "03", "04", "05", "06")) -> Path:
+def _fake_run(folder: Path, *, complete=True, quick=False, notebooks=("01", "02", "03", "04", "05", "06", "07")) -> Path:
     (folder / "figures").mkdir(parents=True)
     (folder / "results").mkdir()
     (folder / "figures" / "05_results.png").write_bytes(b"new")
@@ -161,7 +161,7 @@ def test_publish_copies_the_run_and_declares_it(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,reason", [({"quick": True}, "quick run"),
-                                           ({"notebooks": ("01", "05")}, "notebooks 02, 03, 04, 06")])
+                                           ({"notebooks": ("01", "05")}, "notebooks 02, 03, 04, 06, 07")])
 def test_publish_refuses_unfit_runs_unless_forced(tmp_path, kwargs, reason):
     repo = tmp_path / "repo"
     run = _fake_run(tmp_path / "run", **kwargs)

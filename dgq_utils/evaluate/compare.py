@@ -394,6 +394,12 @@ def run_comparison(
     fp_pipe = fresh_pipe()
     mid = model_identity(fp_pipe, model_id)
 
+    def calibrated_as(recipe) -> str:
+        """The calibrated state's file name (recipe, calibration prompts, sampler, seed): part of the image cache
+        key, so the same recipe calibrated on other prompts never reuses these images."""
+        return states.path(fp_pipe, recipe, calibration_prompts, sampler, seed=data.calibration_seed,
+                           model_id=mid).name
+
     def _done(name) -> bool:
         if not (per_dir / f"{name}.csv").is_file():
             return False
@@ -416,9 +422,11 @@ def run_comparison(
         if name == "fp":
             with stage("generate", recipe=name, n=len(prompts)):
                 gen = generate_images(fp_pipe, prompts, seeds, cache_root, **gen_kw)
-        elif count_missing(fp_pipe, prompts, seeds, cache_root, recipe=recipe, model_id=mid, settings=sampler) == 0:
+        elif count_missing(fp_pipe, prompts, seeds, cache_root, recipe=recipe, model_id=mid, settings=sampler,
+                           calibration=calibrated_as(recipe)) == 0:
             # every image is cached: no need to calibrate or load a quantized pipeline at all
-            gen = generate_images(fp_pipe, prompts, seeds, cache_root, require_cached=True, **gen_kw)
+            gen = generate_images(fp_pipe, prompts, seeds, cache_root, require_cached=True,
+                                  calibration=calibrated_as(recipe), **gen_kw)
         else:
             pipe = fresh_pipe()
             hits_before = len(states.hits)
@@ -427,7 +435,7 @@ def run_comparison(
                                 progress=progress)
                 info["cached"] = len(states.hits) > hits_before
             with stage("generate", recipe=name, n=len(prompts)):
-                gen = generate_images(pipe, prompts, seeds, cache_root, **gen_kw)
+                gen = generate_images(pipe, prompts, seeds, cache_root, calibration=calibrated_as(recipe), **gen_kw)
         generations[name] = gen
         per_path = per_dir / f"{name}.csv"
         if _done(name):

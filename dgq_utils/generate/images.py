@@ -135,10 +135,15 @@ def _scheduler_identity(pipe) -> dict:
 
 
 def cache_key(model_id: str, settings: SamplerSettings, recipe_hash: str, scheduler: dict | None = None,
-              runtime: dict | None = None) -> str:
-    """16 hex digits identifying (model, sampler settings, scheduler, recipe hash, device and dtype)."""
-    return stable_hash({"model": model_id, "settings": asdict(settings), "scheduler": scheduler or {},
-                        "recipe": recipe_hash, "runtime": runtime or {}}, 16)
+              runtime: dict | None = None, calibration: str | None = None) -> str:
+    """16 hex digits identifying (model, sampler settings, scheduler, recipe hash, device and dtype) and, for a
+    quantized recipe, ``calibration``: the identity of its calibrated state (the same recipe calibrated on other
+    prompts makes other images). ``None`` (FP, or a caller that does not know it) leaves it out of the key."""
+    parts = {"model": model_id, "settings": asdict(settings), "scheduler": scheduler or {},
+             "recipe": recipe_hash, "runtime": runtime or {}}
+    if calibration is not None:
+        parts["calibration"] = str(calibration)
+    return stable_hash(parts, 16)
 
 
 def _safe(name: str) -> str:
@@ -294,16 +299,19 @@ class GenerationResult:
 
 
 def open_cache(pipe, cache_root: str | os.PathLike, *, recipe: Any = None, model_id: str | None = None,
-               settings: SamplerSettings | None = None) -> ImageCache:
-    """The cache folder for (model, settings, recipe) under ``cache_root`` (created if needed)."""
+               settings: SamplerSettings | None = None, calibration: str | None = None) -> ImageCache:
+    """The cache folder for (model, settings, recipe, calibrated state) under ``cache_root`` (created if needed);
+    ``calibration``: see :func:`cache_key`."""
     settings = (settings or SamplerSettings()).resolved(pipe)
     name, rhash, rdict = describe_recipe(recipe)
     mid = model_identity(pipe, model_id)
     sched = _scheduler_identity(pipe)
     runtime = runtime_identity(pipe)
-    key = cache_key(mid, settings, rhash, sched, runtime)
+    key = cache_key(mid, settings, rhash, sched, runtime, calibration)
     meta = {"key": key, "model_id": mid, "recipe_name": name, "recipe_hash": rhash, "recipe": rdict,
             "settings": asdict(settings), "scheduler": sched, "runtime": runtime}
+    if calibration is not None:
+        meta["calibration"] = str(calibration)
     return ImageCache(Path(cache_root) / f"{_safe(name)}-{key}", meta)
 
 
@@ -322,6 +330,7 @@ def generate_images(
     on_image: Callable[[dict], None] | None = None,
     prompt_indices: Sequence[int] | None = None,
     require_cached: bool = False,
+    calibration: str | None = None,
 ) -> GenerationResult:
     """Generate (or reuse) one image per (prompt, seed) with ``pipe`` and return the manifest.
 
@@ -343,6 +352,8 @@ def generate_images(
         prompt_indices: see ``prompts``.
         require_cached: raise instead of generating if any image is missing (used to reuse a finished recipe
             without quantizing a pipeline for it).
+        calibration: identity of the calibrated state ``pipe`` was quantized with (part of the cache key, see
+            :func:`cache_key`); :func:`dgq_utils.evaluate.compare.run_comparison` passes the state file's name.
     """
     from tqdm.auto import tqdm
 
@@ -351,7 +362,7 @@ def generate_images(
     prompts = check_prompts(prompts)
     warn_unknown_words(pipe, prompts)
     cache, settings, keys, todo, reused, repaired = _plan(pipe, prompts, seeds, cache_root, recipe, model_id,
-                                                          settings, verify, prompt_indices)
+                                                          settings, verify, prompt_indices, calibration)
     if todo and require_cached:
         raise RuntimeError(f"{len(todo)} image(s) of {cache.meta['recipe_name']} are not in the cache {cache.folder}")
     meta = cache.meta
@@ -425,7 +436,7 @@ def _still_missing(cache: "ImageCache", batch: list[tuple], verify: str, ext: st
     return out
 
 
-def _plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices):
+def _plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices, calibration=None):
     prompts = check_prompts(prompts)
     seeds = check_seeds(seeds)
     check_instance(settings, "settings", SamplerSettings, allow_none=True, fix="pass SamplerSettings(...).")
@@ -433,7 +444,8 @@ def _plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, 
     if len(indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts")
     settings = (settings or SamplerSettings()).resolved(pipe)
-    cache = open_cache(pipe, cache_root, recipe=recipe, model_id=model_id, settings=settings)
+    cache = open_cache(pipe, cache_root, recipe=recipe, model_id=model_id, settings=settings,
+                       calibration=calibration)
     wanted = [(idx, p, s) for idx, p in zip(indices, prompts) for s in seeds]
     keys = [(idx, prompt_key(p), s) for idx, p, s in wanted]
     if len(set(keys)) != len(keys):
@@ -451,9 +463,10 @@ def _plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, 
 
 
 def count_missing(pipe, prompts, seeds, cache_root, *, recipe=None, model_id=None, settings=None, verify="sha",
-                  prompt_indices=None) -> int:
+                  prompt_indices=None, calibration=None) -> int:
     """How many of the requested images :func:`generate_images` would have to (re)generate."""
-    return len(_plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices)[3])
+    return len(_plan(pipe, prompts, seeds, cache_root, recipe, model_id, settings, verify, prompt_indices,
+                     calibration)[3])
 
 
 def _file_name(idx: int, prompt: str, seed: int, ext: str) -> str:

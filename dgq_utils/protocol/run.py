@@ -266,6 +266,7 @@ def run_protocol(run: ProtocolRun, *, pipe_factory: Callable[[], Any] | None = N
     for entry in run.entries:
         if is_quantized(pipe):
             dequantize_pipeline(pipe)
+        state = None
         if entry.recipe != "fp":
             state = states.path(pipe, entry.recipe, coco.calibration, sampler, seed=coco.calibration_seed,
                                 model_id=mid)
@@ -276,7 +277,7 @@ def run_protocol(run: ProtocolRun, *, pipe_factory: Callable[[], Any] | None = N
             if data is not None:
                 generate_sharded(pipe, list(data.prompts), list(data.seeds), images, shard=shard,
                                  recipe=entry.recipe, model_id=mid, settings=sampler, progress=progress,
-                                 on_image=count)
+                                 on_image=count, calibration=None if state is None else state.name)
     if is_quantized(pipe):
         dequantize_pipeline(pipe)
     if not shard.is_main:

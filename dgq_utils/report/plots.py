@@ -29,6 +29,7 @@ __all__ = [
     "axis_decisions", "kmeans_groups", "error_vs_groups", "start_sink", "prob_histograms", "prob_error",
     "scale_comparison", "attention_example", "image_grid", "metric_bars", "paired_bars", "paper_vs_ours",
     "ablation_bars", "recipe_family", "RECIPE_COLORS", "layer_explorer", "attention_explorer",
+    "calibration_curve", "component_bars", "paper_grid_bars",
 ]
 
 RECIPE_COLORS = {"fp": "#4d4d4d", "baseline": "#e08214", "dgq": "#2166ac", "other": "#8073ac"}
@@ -534,6 +535,77 @@ def ablation_bars(paired: pd.DataFrame, metrics: Sequence[str], *, labels: Mappi
     return paired_bars(paired, metrics, recipes=order, labels=labels, value="diff", path=path,
                        title=title or f"Ablations: change vs {reference} (same prompts and seeds, 95% CI)",
                        reference=reference, ncols=min(4, max(1, len(metrics))))
+
+
+def calibration_curve(sweep: pd.DataFrame, metrics: Sequence[str], *, path=None, title: str = ""):
+    """Notebook 07, one row of panels per metric: left, each recipe's paired difference to FP against the number
+    of calibration prompts (log scale); right, DGQ − baseline per bit setting. Error bars: 95% CIs."""
+    metrics = [m for m in metrics if m in set(sweep["metric"])]
+    fig, axes = plt.subplots(max(1, len(metrics)), 2, figsize=(10.5, 3.2 * max(1, len(metrics))), squeeze=False)
+    for row, m in zip(axes, metrics):
+        for ax, comparison in zip(row, ("vs fp", "dgq - baseline")):
+            d = sweep[(sweep["metric"] == m) & (sweep["comparison"] == comparison)]
+            for j, (recipe, g) in enumerate(d.groupby("recipe", sort=False)):
+                g = g.sort_values("n_calibration")
+                fam = recipe_family(recipe)
+                ls = "-" if "a8" in recipe else "--"
+                ax.errorbar(g["n_calibration"] * (1 + 0.03 * j), g["diff"],
+                            yerr=[g["diff"] - g["ci_low"], g["ci_high"] - g["diff"]], marker="o", capsize=3,
+                            ls=ls, color=RECIPE_COLORS[fam],
+                            label=recipe if comparison == "vs fp" else f"{g['setting'].iloc[0]}: DGQ − baseline")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xscale("log", base=2)
+            to_fp = "to FP" if m in ("psnr", "ssim", "lpips") else "recipe − FP"
+            ax.set(xlabel="calibration prompts", ylabel=f"{m}: " + (to_fp if comparison == "vs fp"
+                                                                  else "DGQ − baseline"))
+            if len(d):
+                ax.legend(fontsize=7)
+    fig.suptitle(title or "Calibration-set size: paired differences (95% CI)")
+    return _finish(fig, path)
+
+
+def component_bars(components: pd.DataFrame, metrics: Sequence[str], *, path=None, title: str = ""):
+    """Notebook 07, one panel per metric: each variant's paired difference to DGQ (bar, 95% CI); the dashed line
+    is where the baseline is (the gap): a bar that reaches it closes the gap."""
+    metrics = [m for m in metrics if m in set(components["metric"])]
+    labels = list(dict.fromkeys(components["label"]))
+    fig, axes = _metric_panels(len(metrics), len(labels), min(3, max(1, len(metrics))), width=5.2, row_height=0.32)
+    for ax, m in zip(axes, metrics):
+        d = components[components["metric"] == m].set_index("label").reindex(labels).dropna(subset=["vs_dgq"])
+        y = np.arange(len(d))
+        colors = [RECIPE_COLORS[recipe_family(r)] for r in d["recipe"]]
+        ax.barh(y, d["vs_dgq"], color=colors, alpha=0.9)
+        _ci_segments(ax, y, d["vs_dgq_low"], d["vs_dgq_high"])
+        ax.axvline(0, color="black", lw=0.8)
+        ax.axvline(float(d["gap"].iloc[0]), color=RECIPE_COLORS["baseline"], lw=1.0, ls="--")
+        ax.set_yticks(y)
+        ax.set_yticklabels(d.index, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{m}: variant − DGQ (dashed: baseline)")
+    fig.suptitle(title or "Which component closes DGQ's gap to the baseline? (95% CI)")
+    return _finish(fig, path)
+
+
+def paper_grid_bars(layout: pd.DataFrame, metric: str = "fid", *, paper_metric: str | None = None, path=None,
+                    title: str = ""):
+    """The Table 2 grid (:func:`dgq_utils.report.calibration_study.paper_table2_layout`) as two panels: the
+    paper's ``paper_metric`` and ours ``metric`` per setting and method (FP as a dashed line)."""
+    paper_metric = paper_metric or metric
+    d = layout[layout["method"] != "FP"].copy()
+    d["method_k"] = [m if m != "DGQ" else f"DGQ K={int(k)}" for m, k in zip(d["method"], d["k"])]
+    fp = layout[layout["method"] == "FP"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), squeeze=False)
+    for ax, col, who in zip(axes[0], (f"paper_{paper_metric}", f"ours_{metric}"), ("paper (SD v1.4)", "this run")):
+        if col not in d or d[col].isna().all():
+            ax.set_visible(False)
+            continue
+        sns.barplot(data=d, x="setting", y=col, hue="method_k", ax=ax)
+        if len(fp) and col in fp and np.isfinite(fp[col].iloc[0]):
+            ax.axhline(float(fp[col].iloc[0]), color=RECIPE_COLORS["fp"], lw=0.9, ls="--", label="FP")
+        ax.set(xlabel="", ylabel=col.split("_", 1)[1], title=who)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or f"The paper's grid: {paper_metric} (paper) and {metric} (here)")
+    return _finish(fig, path)
 
 
 # ==============================================================================================================

@@ -25,6 +25,8 @@ __all__ = [
     "describe_fidelity",
     "describe_ci_widths",
     "describe_paper_agreement",
+    "describe_calibration_sizes",
+    "describe_calibration_components",
     "pixel_shape",
     "evenly_spaced",
 ]
@@ -241,6 +243,72 @@ def describe_paper_agreement(comp: pd.DataFrame) -> str:
     return (f"DGQ beats the baseline in the paper in {int(agree.paper_dgq_beats_baseline.sum())} of "
             f"{len(agree)} (setting, metric) cells and here in {int(agree.ours_dgq_beats_baseline.sum())}; "
             f"the direction agrees in {int(same.sum())} of {len(agree)}.")
+
+
+def _ci(diff: float, lo: float, hi: float) -> str:
+    return f"{diff:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+
+
+def describe_calibration_sizes(sweep: pd.DataFrame, metric: str = "psnr") -> str:
+    """Notebook 07: per bit setting, DGQ − baseline on ``metric`` at each number of calibration prompts, and at
+    which sizes the difference is resolved (CI excludes 0) in which direction (``sweep``:
+    :func:`dgq_utils.report.calibration_study.calibration_sweep_table`)."""
+    t = sweep[(sweep["comparison"] == "dgq - baseline") & (sweep["metric"] == metric)]
+    if not len(t):
+        return f"No DGQ − baseline pair was measured on {metric}."
+    out = []
+    for setting, g in t.groupby("setting", sort=False):
+        g = g.sort_values("n_calibration")
+        cells = [f"{int(r.n_calibration)}: {_ci(r.diff, r.ci_low, r.ci_high)}" for r in g.itertuples()]
+        verdict = {}
+        for r in g.itertuples():
+            verdict.setdefault(_verdict(metric, r.ci_low, r.ci_high), []).append(str(int(r.n_calibration)))
+        said = "; ".join(f"DGQ {v} than the baseline at {', '.join(ns)} calibration prompts" if v != "not resolved"
+                         else f"not resolved at {', '.join(ns)}" for v, ns in verdict.items())
+        out.append(f"- **{setting}**, DGQ − baseline {metric} by number of calibration prompts: "
+                   + "; ".join(cells) + f" — {said}.")
+    return "\n".join(out)
+
+
+def describe_calibration_components(components: pd.DataFrame, metric: str = "psnr", *, n_calibration: int | None = None,
+                                    closes: float = 0.5) -> str:
+    """Notebook 07: which component, moved toward the baseline, closes DGQ's gap to the baseline on ``metric``
+    (``components``: :func:`dgq_utils.report.calibration_study.component_table`).
+
+    A variant *closes the gap* when it recovers at least ``closes`` of it (``gap_closed``) and is no longer
+    resolved worse than the baseline. Everything said comes from the table: the gap, each variant's share with its
+    paired CI, and which (if any) close it.
+    """
+    t = components[components["metric"] == metric]
+    if not len(t):
+        return f"No component variant was measured on {metric}."
+    g = t.iloc[0]
+    where = f" with {n_calibration} calibration prompts" if n_calibration is not None else ""
+    head = f"Baseline − DGQ{where} on {metric}: {_ci(g.gap, g.gap_low, g.gap_high)}"
+    if not bool(g.gap_resolved):
+        return head + " — not resolved at this N, so there is no gap to attribute to a component."
+    hb = higher_is_better(metric)
+    dgq_worse = (g.gap > 0) == hb
+    variants = t[~t["recipe"].str.startswith("baseline-") | t["recipe"].str.endswith("-log2-softmax")]
+    lines = [head + f" (DGQ {'worse' if dgq_worse else 'better'} than the baseline). Share of it each change "
+             "recovers (variant − DGQ [95% CI]; 1 = at the baseline's level):"]
+    for r in variants.sort_values("gap_closed", ascending=False).itertuples():
+        lines.append(f"- {r.label}: {r.gap_closed:.0%} of the gap (variant − DGQ {_ci(r.vs_dgq, r.vs_dgq_low, r.vs_dgq_high)}, "
+                     f"variant − baseline {_ci(r.vs_baseline, r.vs_baseline_low, r.vs_baseline_high)})")
+    worse_than_baseline = (lambda r: (r.vs_baseline_high < 0) if hb else (r.vs_baseline_low > 0))
+    closing = [r for r in variants.itertuples() if not r.recipe.startswith("baseline-")
+               and r.gap_closed >= closes and not worse_than_baseline(r)]
+    if closing:
+        best = max(closing, key=lambda r: r.gap_closed)
+        lines.append(f"**What closes the gap:** {best.label} ({best.gap_closed:.0%})"
+                     + (f"; also {', '.join(f'{r.label} ({r.gap_closed:.0%})' for r in closing if r is not best)}"
+                        if len(closing) > 1 else "") + ".")
+    else:
+        top = variants[~variants["recipe"].str.startswith("baseline-")].sort_values("gap_closed", ascending=False)
+        lines.append("**No single component closes the gap** (none recovers "
+                     f"{closes:.0%} without staying resolved worse than the baseline)"
+                     + (f"; the largest share is {top.iloc[0].label} ({top.iloc[0].gap_closed:.0%})." if len(top) else "."))
+    return "\n".join(lines)
 
 
 def pixel_shape(stats, layer: str, timestep_index: int):

@@ -29,7 +29,7 @@ __all__ = ["PublishError", "publish", "refusals"]
 #: files of the committed folders that a notebook of the chain writes (``01_...`` to ``99_...``)
 NOTEBOOK_OUTPUT = re.compile(r"^\d\d_")
 #: the notebooks a complete run has executed
-CHAIN_NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
+CHAIN_NOTEBOOKS = ("01", "02", "03", "04", "05", "06", "07")
 
 
 class PublishError(RuntimeError):

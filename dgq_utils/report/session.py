@@ -126,18 +126,33 @@ class Session:
         """A :class:`BootstrapConfig` seeded with this run's seed."""
         return BootstrapConfig(seed=self.seed, **kwargs)
 
+    def calibration_set(self, n: int | None = None) -> list[str]:
+        """The calibration prompts of a recipe calibrated on ``n`` prompts: this run's own list when ``n`` is
+        ``None`` or ``n_calibration``, else ``n`` prompts drawn the same way (disjoint from the evaluation prompts,
+        same seed), so ``calibration_set(16)`` in one notebook is ``n_calibration = 16`` in another and their
+        calibrated states are one cache entry."""
+        if n is None or (self.config.n_calibration is not None and int(n) == int(self.config.n_calibration)):
+            return list(self.calibration)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n_calibration: got {n!r}; allowed: an integer >= 1 (calibration prompts).")
+        return self.ctx.calibration_prompts(n, exclude=self.prompts, seed=self.seed)
+
     def compare(self, recipes: Sequence[Any], prompts: Sequence[str], *, tag: str, metrics: Sequence[str],
-                metric_setup: MetricsConfig, bootstrap: BootstrapConfig, title: str, **key: Any):
+                metric_setup: MetricsConfig, bootstrap: BootstrapConfig, title: str,
+                n_calibration: int | None = None, **key: Any):
         """FP vs ``recipes`` on ``prompts`` (:func:`dgq_utils.evaluate.compare.run_comparison`) with this run's
-        calibration prompts, seed, sampler, image cache and calibrated-state cache.
+        calibration prompts (or, with ``n_calibration``, :meth:`calibration_set` of that size), seed, sampler,
+        image cache and calibrated-state cache.
 
         The run folder is ``ctx.run_dir(tag, ...)`` keyed by the prompts, calibration prompts, sampler, metrics,
-        seed and ``key`` (whatever else changes the results, e.g. ``n_boot``).
+        seed and ``key`` (whatever else changes the results, e.g. ``n_boot``). The calibrated states (and the
+        images made with them) are keyed by the calibration prompts, hence by their number.
         """
-        work = Workspace(self.ctx.run_dir(tag, prompts=list(prompts), calibration=self.calibration,
+        calibration = self.calibration_set(n_calibration)
+        work = Workspace(self.ctx.run_dir(tag, prompts=list(prompts), calibration=calibration,
                                           settings=str(self.sampler), metrics=list(metrics), seed=self.seed, **key),
                          image_cache=self.ctx.work_dir("images"), states=self.states)
-        data = EvaluationSet(list(prompts), self.calibration, [self.seed], calibration_seed=self.seed)
+        data = EvaluationSet(list(prompts), calibration, [self.seed], calibration_seed=self.seed)
         return run_comparison(self.ctx.pipe, list(recipes), data, work, metrics=metric_setup, bootstrap=bootstrap,
                               title=title, sampler=self.sampler, model_id=self.ctx.model_key)
 
