@@ -212,8 +212,8 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
     m, l_, pmax = torch.empty(3, b, h, nq, dtype=torch.float32, device=query.device).unbind(0)  # one allocation
     with _on_device(query.device):
         tk.row_stats_kernel[grid](
-            query, key, m, l_, pmax, *query.stride(), *key.stride(), h, nq, nk, d,
-            float(softmax_scale) * math.log2(math.e),
+            query, key, m, l_, pmax, *query.stride(), *key.stride(), h, nq, nk,
+            float(softmax_scale) * math.log2(math.e), D=d,
             EXCL_FIRST=bool(exclude_first and nk > 1), F32=query.dtype == torch.float32, EVEN_N=nk % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return m, l_, pmax
@@ -279,7 +279,7 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
         tk.quant_attention_kernel[grid](
             query, key, value, out, m, l_, mult, probs,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-            h, nq, nk, d, float(softmax_scale) * math.log2(math.e), level_min, level_max,
+            h, nq, nk, float(softmax_scale) * math.log2(math.e), level_min, level_max, D=d,
             QUANT=quant, ZERO_LEVEL=bool(spec.zero_level), KEEP_START=keep_start, WRITE_P=bool(return_probs),
             F32=query.dtype == torch.float32, EVEN_N=nk % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
