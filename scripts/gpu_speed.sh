@@ -13,9 +13,9 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --f
 export DGQ_KMEANS_TIMEOUT=${DGQ_KMEANS_TIMEOUT:-90} PYTHONUNBUFFERED=1
 # the kernel tests at every SD head dim in fp16 (self + cross), fp32 and bf16 at head dim 64, the processor's
 # recipes in fp16 at 4096 tokens, the fallbacks; results per case to gpu_results.json
-DGQ_GPU_TEST_OUT="$out/gpu_results.json" timeout 95 python -m pytest -v -m gpu -p no:cacheprovider \
-  tests/test_kernels_attention.py -rfE \
-  -k "(kernel_matches and (float16 and not bfloat16)) or (kernel_matches and nq1024-d64) or (processor and float16 and not bfloat16 and (dgq or static)) or fallbacks" \
+DGQ_GPU_TEST_OUT="$out/gpu_results.json" timeout 105 python -m pytest -v -m gpu -p no:cacheprovider \
+  tests/test_fake_quant_kernel.py tests/test_kernels_attention.py -rfE \
+  -k "registered_op or transposed or (bit_identical and float16 and not bfloat16) or (kernel_matches and (float16 and not bfloat16)) or (kernel_matches and nq1024-d64) or (processor and float16 and not bfloat16 and (dgq or static)) or fallbacks" \
   >> "$log" 2>&1
 echo "pytest exit $? after $(used) s" >> "$log"
 sweep="64l=128,64,8,3 64l=128,128,8,3 64l=128,128,4,3 64l=128,64,4,4 64l=64,64,4,3 128l=128,64,4,3 128l=64,64,4,3"
