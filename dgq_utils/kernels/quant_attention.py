@@ -211,8 +211,8 @@ def default_config(head_dim: int, dtype: torch.dtype, num_keys: int = 4096) -> L
     short = num_keys <= 128
     if block_d <= 64:
         return (128, 32, 4, 3) if short else (128, 64, 4, 3)
-    if block_d <= 128:
-        return (128, 32, 8, 3) if short else (128, 64, 8, 3)
+    if block_d <= 128:  # self-attention: 64x64 blocks measured 4 % faster (sd_scale_h200_speed run's sweep)
+        return (128, 32, 8, 3) if short else (64, 64, 4, 3)
     return 32, 64, 4, 2
 
 
