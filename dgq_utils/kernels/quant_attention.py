@@ -29,7 +29,9 @@ fp16/bf16 the two differ by about that dtype's rounding (2e-4 to 7e-4 rel L2 for
 Speed (``benchmarks/results/attention_h200.md``, H200, batch 16, fp16): the SD v1.5 UNet's 32 attention calls
 per step take 37 ms through the fused processor, 227 ms through the reference, 15 ms through plain fp16 SDPA;
 the 4096-token self-attention dominates (3.9 ms vs SDPA's 1.1 ms: two passes over K, an exp2 per logit in each,
-head dim 40 padded to 64).
+head dim 40 padded to 64). With the head dim a compile-time constant (16-byte, pipelined K/V loads) the 32 calls
+take 25.5 ms against 27.4 (the 77-key calls 2x faster, the 4096-token ones unchanged: they are bound by pass 2's
+arithmetic, not by loads; ``benchmarks/results/attention_speed_notes.md``).
 
 :func:`unsupported_reason` says why a call cannot take the kernel (no Triton, not on CUDA, an attention mask,
 head dim > 256, mixed or unsupported dtypes); the caller then uses the reference. Under Triton's interpreter
