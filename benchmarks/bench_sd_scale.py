@@ -323,6 +323,8 @@ def machine() -> dict:
         m["gpu"] = torch.cuda.get_device_name(0)
     import subprocess
 
+    if os.environ.get("DGQ_ATTENTION_LAUNCH"):  # launch-config override of the fused attention (a sweep's winners)
+        m["attention_launch"] = os.environ["DGQ_ATTENTION_LAUNCH"]
     if os.environ.get("DGQ_GIT_COMMIT"):  # a copy without .git (the GPU machine's staging folder)
         m["git"] = os.environ["DGQ_GIT_COMMIT"]
         return m
@@ -468,6 +470,11 @@ def run_all(args) -> dict:
                                                                                   args.steps))
     if args.channels_last and device.type == "cuda":
         fp["channels_last"] = run.section("fp channels-last", lambda: bench_channels_last(pipe, args), need_s=20)
+    early = args.compile_modes[0] if args.compile and args.compile_early else None
+    done = set()  # (tag, mode) compiled already
+    if early is not None and args.fp_compile:
+        bench_compiled(run, pipe, "fp", fp, early)
+        done.add(("fp", early))
 
     tmp = tempfile.TemporaryDirectory(prefix="dgq_bench_")
     states = {}
@@ -495,6 +502,12 @@ def run_all(args) -> dict:
         if args.channels_last and device.type == "cuda" and name in args.profile_presets:
             slot["channels_last"] = run.section(f"{name} channels-last", lambda: bench_channels_last(pipe, args),
                                                 need_s=20)
+        if early is not None and name in args.compile_presets:  # still quantized from this calibration
+            if run.time_left() < args.compile_need_s:
+                run.res["skipped"].append(f"{name} torch.compile mode={early}")
+            else:
+                bench_compiled(run, pipe, name, slot, early)
+            done.add((name, early))
         for n in cal_sizes[1:]:
             if name not in args.calib_presets:
                 break
@@ -511,10 +524,10 @@ def run_all(args) -> dict:
         run.save()
     if args.compile:
         for mode in args.compile_modes:
-            if args.fp_compile:
+            if args.fp_compile and ("fp", mode) not in done:
                 bench_compiled(run, pipe, "fp", fp, mode)
             for name in args.compile_presets:
-                if name not in states:
+                if name not in states or (name, mode) in done:
                     continue
                 if run.time_left() < args.compile_need_s:
                     run.res["skipped"].append(f"{name} torch.compile mode={mode}")
@@ -657,7 +670,9 @@ def markdown(res: dict) -> str:
              f"torch {m.get('torch')}, diffusers {m.get('diffusers')}, triton {m.get('triton')}, git "
              f"{m.get('git')}; UNet {res['fp'].get('unet_params_m')} M parameters; {st['steps']} PNDM steps; "
              f"step = median of {st['step_calls']} UNet calls after {st['warmup_calls']} warm-up calls "
-             f"({'CUDA events' if st['device'] == 'cuda' else 'wall clock'}); elapsed {res.get('elapsed_s')} s.",
+             f"({'CUDA events' if st['device'] == 'cuda' else 'wall clock'}); elapsed {res.get('elapsed_s')} s."
+             + (f" Fused-attention launch override `DGQ_ATTENTION_LAUNCH={m['attention_launch']}`."
+                if m.get("attention_launch") else ""),
              "", "Command: `python benchmarks/bench_sd_scale.py " + " ".join(st.get("argv", [])) + "`", ""]
     hdr = ["recipe"] + [f"step 2×{b} (ms)" for b in batches] + [f"vs FP 2×{max(batches)}"]
     cbatches = st.get("compile_batches") or [max(batches)]
@@ -773,6 +788,9 @@ def parse_args(argv=None):
                    help="batches timed compiled (default: the largest of --batches; each shape compiles anew)")
     p.add_argument("--profile-presets", nargs="+", default=["fp", "dgq-w8a8"],
                    help="variants profiled (one UNet call at the largest batch); 'fp' for the FP UNet")
+    p.add_argument("--compile-early", action="store_true",
+                   help="compile (first of --compile-modes) right after each variant's eager measurements, before "
+                        "the larger calibrations and the next presets, so a --deadline keeps the compiled numbers")
     p.add_argument("--compile-modes", nargs="+", default=["default"],
                    help="torch.compile modes measured: default, reduce-overhead (CUDA graphs), ...")
     p.add_argument("--no-graphs", dest="graphs", action="store_false",

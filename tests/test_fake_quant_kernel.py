@@ -16,6 +16,7 @@ from dgq_utils.core.stats import axes_for
 from dgq_utils.kernels.fake_quant import (
     ParamStack,
     available,
+    fake_quant_stacked_op,
     fake_quant_stacked_reference,
     fake_quant_uniform_fused,
 )
@@ -87,6 +88,51 @@ def test_cpu_tensor_is_refused_by_the_kernel():
     assert not available(x)
     with pytest.raises(RuntimeError, match="CUDA"):
         fake_quant_uniform_fused(x, st, torch.tensor(0), 8)
+
+
+@pytest.mark.parametrize("layout", ["conv", "qkv"])
+def test_registered_op_equals_the_reference_and_compiles_without_breaks(layout):
+    """torch.ops.dgq.fake_quant_stacked (what compiled graphs call on CUDA; the reference off CUDA) gives the
+    reference's result, keeps a dense input's strides and traces with fullgraph=True (aot_eager, CPU)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    shape = LAYOUT_SHAPES[layout]
+    sets, ch, pdims, _ = _sets(shape, layout, ["pixel", "channel", "tensor"], 8, False, 2)
+    st = ParamStack.from_sets(sets, ch, pdims)
+    x = _input(shape, 2)
+    if layout == "qkv":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # a transposed view, as Q/K/V arrive
+    idx = torch.tensor(1, dtype=torch.int32)
+    ref = fake_quant_stacked_reference(x, st, idx, 8, False)
+    got = fake_quant_stacked_op(x, st, idx, 8, False)
+    assert torch.equal(got, ref) and got.stride() == x.stride()
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(lambda t: fake_quant_stacked_op(t, st, idx, 8, False) * 2, backend="aot_eager",
+                       fullgraph=True)
+    for i in range(3):
+        idx.fill_(i)
+        assert torch.equal(fn(x), fake_quant_stacked_reference(x, st, idx, 8, False) * 2)
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_registered_op_under_inductor_is_the_eager_kernel():
+    import torch._dynamo
+
+    sets, ch, pdims, _ = _sets((4, 30, 20, 25), "conv", ["pixel", "channel"], 8, False, 5)
+    st = ParamStack.from_sets(sets, ch, pdims).to("cuda")
+    x = _input((4, 30, 20, 25), 5, torch.float16, "cuda")
+    idx = torch.tensor(0, dtype=torch.int32, device="cuda")
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: fake_quant_stacked_op(t, st, idx, 8, False) + 1, fullgraph=True)
+    for i in (0, 1, 0):
+        idx.fill_(i)
+        assert torch.equal(fn(x), fake_quant_uniform_fused(x, st, idx, 8) + 1)
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu

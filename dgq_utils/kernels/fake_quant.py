@@ -31,7 +31,8 @@ from torch import Tensor
 
 from dgq_utils.core.quantizers import fake_quant_uniform, qrange
 
-__all__ = ["ParamStack", "available", "fake_quant_stacked_reference", "fake_quant_uniform_fused"]
+__all__ = ["ParamStack", "available", "fake_quant_stacked_reference", "fake_quant_uniform_fused",
+           "fake_quant_stacked_op"]
 
 try:  # pragma: no cover - depends on the installation
     import triton
@@ -242,3 +243,34 @@ def fake_quant_uniform_fused(x: Tensor, st: ParamStack, set_index: Tensor, bits:
                      ps, pz, max(p0s, 1), p0, max(p1s, 1), p1, float(qmin), float(qmax),
                      HAS_PIX=has_pix, ASYM=not symmetric, BLOCK=block, num_warps=8)
     return out
+
+
+@torch.library.custom_op("dgq::fake_quant_stacked", mutates_args=())
+def _fake_quant_stacked_op(x: Tensor, chan_scale: Tensor, chan_zp: Tensor, pix_scale: Tensor | None,
+                           pix_zp: Tensor | None, channel_dim: int, pixel_dims: list[int], set_index: Tensor,
+                           bits: int, symmetric: bool) -> Tensor:
+    """:func:`fake_quant_stacked_op` as a registered op: opaque to ``torch.compile`` (the kernel, or off CUDA
+    the reference, runs as in eager mode); its fake implementation gives the output's shape and strides."""
+    st = ParamStack(chan_scale, chan_zp, pix_scale, pix_zp, channel_dim, tuple(pixel_dims),
+                    torch.ones(chan_scale.shape[0], dtype=torch.bool))
+    if available(x):
+        return fake_quant_uniform_fused(x, st, set_index, bits, symmetric=symmetric)
+    return fake_quant_stacked_reference(x, st, set_index, bits, symmetric).to(x.dtype)
+
+
+@_fake_quant_stacked_op.register_fake
+def _(x, chan_scale, chan_zp, pix_scale, pix_zp, channel_dim, pixel_dims, set_index, bits, symmetric):
+    # the kernel keeps a dense input's strides and makes anything else contiguous
+    return torch.empty_like(x) if _dense_strides_ok(x) else x.new_empty(x.shape)
+
+
+def fake_quant_stacked_op(x: Tensor, st: ParamStack, set_index: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """The fused kernel as one opaque op ``torch.ops.dgq.fake_quant_stacked`` (for compiled graphs on CUDA).
+
+    Inductor would otherwise re-derive the quantizer from :func:`fake_quant_stacked_reference`'s operations and
+    generate its own code for every call site: a division it need not round like the eager kernel does (compiled
+    outputs then drift from eager by flipped levels) and a much longer compile. Through the op the compiled UNet
+    quantizes bit-identically to eager mode; the cost is one read and write of the activation per quantizer, as in
+    eager mode. Off CUDA the op runs the reference (``x``'s dtype)."""
+    return _fake_quant_stacked_op(x, st.chan_scale, st.chan_zp, st.pix_scale, st.pix_zp, int(st.channel_dim),
+                                  [int(d) for d in st.pixel_dims], set_index, int(bits), bool(symmetric))

@@ -29,7 +29,9 @@ fp16/bf16 the two differ by about that dtype's rounding (2e-4 to 7e-4 rel L2 for
 Speed (``benchmarks/results/attention_h200.md``, H200, batch 16, fp16): the SD v1.5 UNet's 32 attention calls
 per step take 37 ms through the fused processor, 227 ms through the reference, 15 ms through plain fp16 SDPA;
 the 4096-token self-attention dominates (3.9 ms vs SDPA's 1.1 ms: two passes over K, an exp2 per logit in each,
-head dim 40 padded to 64).
+head dim 40 padded to 64). With the head dim a compile-time constant (16-byte, pipelined K/V loads) the 32 calls
+take 25.5 ms against 27.4 (the 77-key calls 2x faster, the 4096-token ones unchanged: they are bound by pass 2's
+arithmetic, not by loads; ``benchmarks/results/attention_speed_notes.md``).
 
 :func:`unsupported_reason` says why a call cannot take the kernel (no Triton, not on CUDA, an attention mask,
 head dim > 256, mixed or unsupported dtypes); the caller then uses the reference. Under Triton's interpreter
@@ -49,7 +51,8 @@ from torch import Tensor
 from dgq_utils.core.quantizers import SCALE_FLOOR, check_bits
 
 __all__ = ["ProbQuantSpec", "prob_multiplier", "quant_attention", "row_statistics", "triton_available",
-           "unsupported_reason", "default_config", "LaunchConfig", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+           "unsupported_reason", "default_config", "launch_overrides", "LaunchConfig", "LAUNCH_ENV", "MAX_HEAD_DIM",
+           "SUPPORTED_DTYPES"]
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -165,22 +168,53 @@ def prob_multiplier(pmax: Tensor, spec: ProbQuantSpec, static_max: Tensor | floa
 
 #: One launch configuration: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 LaunchConfig = tuple[int, int, int, int]
+#: Environment variable overriding :func:`default_config` for fp16/bf16 inputs (tuning on another GPU; the
+#: benchmarks' sweeps): ``"64l=128,128,8,3;128s=128,32,8,3"`` -- padded head dim (16..256), ``l`` (more than
+#: 128 keys) or ``s`` (at most 128), ``=BLOCK_M,BLOCK_N,num_warps,num_stages``; entries separated by ``;``.
+LAUNCH_ENV = "DGQ_ATTENTION_LAUNCH"
+_LAUNCH_OVERRIDES: dict[str, dict[tuple[int, bool], LaunchConfig]] = {}  # env text -> parsed
+
+
+def launch_overrides() -> dict[tuple[int, bool], LaunchConfig]:
+    """``{(padded head dim, short keys?): config}`` parsed from ``$DGQ_ATTENTION_LAUNCH`` (cached per value)."""
+    text = os.environ.get(LAUNCH_ENV, "").strip()
+    if text in _LAUNCH_OVERRIDES:
+        return _LAUNCH_OVERRIDES[text]
+    out: dict[tuple[int, bool], LaunchConfig] = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        try:
+            key, cfg = entry.split("=")
+            bd, kind = int(key[:-1]), key[-1]
+            vals = tuple(int(v) for v in cfg.split(","))
+            if kind not in "sl" or len(vals) != 4 or bd != _block_d(bd):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{LAUNCH_ENV}: bad entry {entry!r}; expected e.g. '64l=128,64,4,3' (padded head dim, "
+                             "l or s for long / short keys, BLOCK_M,BLOCK_N,num_warps,num_stages).") from None
+        out[(bd, kind == "s")] = vals
+    _LAUNCH_OVERRIDES[text] = out
+    return out
 
 
 def default_config(head_dim: int, dtype: torch.dtype, num_keys: int = 4096) -> LaunchConfig:
     """The launch configuration used for ``head_dim``, ``dtype`` and ``num_keys`` (fixed, no autotuning: a
     quantized UNet hits few shapes, and compiling a tuning sweep on first use would cost more than it saves).
     fp16/bf16: the fastest of ``benchmarks/bench_attention.py --sweep`` on an H200 at the SD v1.5 shapes
-    (``benchmarks/results/attention_h200.json``): BLOCK_N 32 for the 77 text keys, 64 for self-attention.
+    (``benchmarks/results/attention_h200.json``): BLOCK_N 32 for the 77 text keys, 64 for self-attention;
+    ``$DGQ_ATTENTION_LAUNCH`` (:data:`LAUNCH_ENV`) overrides them.
     float32 (3xTF32 products) is a correctness path, not tuned (it spills registers at head dims > 64)."""
     block_d = _block_d(head_dim)
+    if dtype != torch.float32:
+        override = launch_overrides().get((block_d, num_keys <= 128))
+        if override is not None:
+            return override
     if dtype == torch.float32:
         return (64, 32, 4, 2) if block_d <= 64 else (64, 32, 8, 2) if block_d <= 128 else (64, 32, 8, 1)
     short = num_keys <= 128
     if block_d <= 64:
         return (128, 32, 4, 3) if short else (128, 64, 4, 3)
-    if block_d <= 128:
-        return (128, 32, 8, 3) if short else (128, 64, 8, 3)
+    if block_d <= 128:  # self-attention: 64x64 blocks measured 4 % faster (sd_scale_h200_speed run's sweep)
+        return (128, 32, 8, 3) if short else (64, 64, 4, 3)
     return 32, 64, 4, 2
 
 
@@ -212,8 +246,8 @@ def row_statistics(query: Tensor, key: Tensor, softmax_scale: float, exclude_fir
     m, l_, pmax = torch.empty(3, b, h, nq, dtype=torch.float32, device=query.device).unbind(0)  # one allocation
     with _on_device(query.device):
         tk.row_stats_kernel[grid](
-            query, key, m, l_, pmax, *query.stride(), *key.stride(), h, nq, nk, d,
-            float(softmax_scale) * math.log2(math.e),
+            query, key, m, l_, pmax, *query.stride(), *key.stride(), h, nq, nk,
+            float(softmax_scale) * math.log2(math.e), D=d,
             EXCL_FIRST=bool(exclude_first and nk > 1), F32=query.dtype == torch.float32, EVEN_N=nk % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return m, l_, pmax
@@ -279,7 +313,7 @@ def quant_attention(query: Tensor, key: Tensor, value: Tensor, softmax_scale: fl
         tk.quant_attention_kernel[grid](
             query, key, value, out, m, l_, mult, probs,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-            h, nq, nk, d, float(softmax_scale) * math.log2(math.e), level_min, level_max,
+            h, nq, nk, float(softmax_scale) * math.log2(math.e), level_min, level_max, D=d,
             QUANT=quant, ZERO_LEVEL=bool(spec.zero_level), KEEP_START=keep_start, WRITE_P=bool(return_probs),
             F32=query.dtype == torch.float32, EVEN_N=nk % bn == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)

@@ -34,15 +34,20 @@ EXPONENT_MASK = tl.constexpr(0x7F800000)
 
 
 @triton.jit
-def _load_q(Q, b, h, offs_m, offs_d, s_b, s_h, s_n, s_d, NQ, D):
+def _load_q(Q, b, h, offs_m, offs_d, s_b, s_h, s_n, s_d, NQ, D: tl.constexpr):
     ptrs = Q + b * s_b + h * s_h + offs_m[:, None] * s_n + offs_d[None, :] * s_d
     return tl.load(ptrs, mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, F32: tl.constexpr, EVEN_N: tl.constexpr):
-    """Base-2 logits of one (BLOCK_M, BLOCK_N) tile; keys past NK are -inf (``EVEN_N``: NK is a multiple of
-    BLOCK_N, there are none and the key masks are left out)."""
+def _scores(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D: tl.constexpr, F32: tl.constexpr,
+            EVEN_N: tl.constexpr):
+    """Unscaled scores ``q . k`` of one (BLOCK_M, BLOCK_N) tile in float32; keys past NK are -inf (``EVEN_N``: NK
+    is a multiple of BLOCK_N, there are none and the key masks are left out). The softmax scale (times log2 e) is
+    applied by the caller inside the exponent, ``exp2(s * qk_scale - m)``: one fused multiply-add per score.
+    ``D`` is a compile-time constant so that the head-dim mask (40 of 64, 80 of 128, 160 of 256 at SD v1.5) is
+    known in 8-element runs: the K/V tiles load in 16-byte vectors and the loads can be pipelined (a run-time
+    ``D`` made every masked load a 2-byte scalar one)."""
     k_ptrs = K + b * s_b + h * s_h + kn[None, :] * s_n + offs_d[:, None] * s_d  # (BLOCK_D, BLOCK_N)
     if EVEN_N:
         k = tl.load(k_ptrs, mask=offs_d[:, None] < D, other=0.0)
@@ -52,7 +57,6 @@ def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, F32: tl
         s = tl.dot(q, k, input_precision="tf32x3")
     else:
         s = tl.dot(q, k)
-    s = s * qk_scale
     if not EVEN_N:
         s = tl.where(kn[None, :] < NK, s, float("-inf"))
     return s
@@ -61,8 +65,8 @@ def _logits(q, K, b, h, kn, offs_d, s_b, s_h, s_n, s_d, NK, D, qk_scale, F32: tl
 @triton.jit
 def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
-                     H, NQ, NK, D, qk_scale,
-                     EXCL_FIRST: tl.constexpr, F32: tl.constexpr, EVEN_N: tl.constexpr,
+                     H, NQ, NK, qk_scale,
+                     D: tl.constexpr, EXCL_FIRST: tl.constexpr, F32: tl.constexpr, EVEN_N: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -75,9 +79,11 @@ def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     x_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # the maxima are tracked on the unscaled scores (qk_scale > 0 and rounding is monotonic, so
+    # max(s) * qk_scale == max(s * qk_scale) exactly); m_i is the running max in base-2 logits
     for start in range(0, NK, BLOCK_N):
         kn = start + offs_n
-        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32, EVEN_N)
+        s = _scores(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, F32, EVEN_N)
         s_max = tl.max(s, axis=1)
         if EXCL_FIRST:  # the max over keys 1..: only the first block holds key 0
             if start == 0:
@@ -85,10 +91,12 @@ def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
             else:
                 x_blk = s_max
             x_i = tl.maximum(x_i, x_blk)
-        m_new = tl.maximum(m_i, s_max)
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_new = tl.maximum(m_i, s_max * qk_scale)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s * qk_scale - m_new[:, None]), axis=1)
         m_i = m_new
-    if not EXCL_FIRST:
+    if EXCL_FIRST:
+        x_i = x_i * qk_scale
+    else:
         x_i = m_i  # the largest probability is 2^0 / l
     row = pid_bh * NQ + offs_m
     ok = offs_m < NQ
@@ -101,8 +109,8 @@ def row_stats_kernel(Q, K, M_OUT, L_OUT, PMAX_OUT,
 def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
                            sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                            so_b, so_h, so_n, so_d,
-                           H, NQ, NK, D, qk_scale, level_min, level_max,
-                           QUANT: tl.constexpr, ZERO_LEVEL: tl.constexpr, KEEP_START: tl.constexpr,
+                           H, NQ, NK, qk_scale, level_min, level_max,
+                           D: tl.constexpr, QUANT: tl.constexpr, ZERO_LEVEL: tl.constexpr, KEEP_START: tl.constexpr,
                            WRITE_P: tl.constexpr, F32: tl.constexpr, EVEN_N: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """``level_min``/``level_max``: log2 -- the smallest nonzero level ``2^-(2^b-1)`` (as float32) and 1;
@@ -128,8 +136,8 @@ def quant_attention_kernel(Q, K, V, O, M_IN, L_IN, MULT, P_OUT,
     v_base = V + b * sv_b + h * sv_h
     for start in range(0, NK, BLOCK_N):
         kn = start + offs_n
-        s = _logits(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, qk_scale, F32, EVEN_N)
-        e = tl.exp2(s - m_i[:, None])  # keys past NK: 0
+        s = _scores(q, K, b, h, kn, offs_d, sk_b, sk_h, sk_n, sk_d, NK, D, F32, EVEN_N)
+        e = tl.exp2(s * qk_scale - m_i[:, None])  # keys past NK: 0
         if KEEP_START:
             if start == 0:
                 p0 = tl.sum(tl.where(kn[None, :] == 0, e, 0.0), axis=1)

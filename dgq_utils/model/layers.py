@@ -153,8 +153,12 @@ class ActQuantizer(nn.Module):
         if torch.compiler.is_compiling():
             st = self._stack  # built by an eager call before compiling (dynamo guards on the object)
             if st is not None and st.fits(x) and not (torch.is_grad_enabled() and x.requires_grad):
-                # PyTorch operations that inductor fuses into the neighbouring ops; the set is gathered on the
-                # device (no guard on the set index, so no recompile per timestep)
+                # the set is gathered on the device (no guard on the set index, so no recompile per timestep);
+                # on CUDA the eager kernel as one opaque op (bit-identical to eager, short compiles), elsewhere
+                # PyTorch operations that the compiler fuses into the neighbouring ops
+                if fused.available(x):
+                    return fused.fake_quant_stacked_op(x, st, self.state.index_tensor(x.device), self.bits,
+                                                       self.symmetric)
                 return fused.fake_quant_stacked_reference(x, st, self.state.index_tensor(x.device), self.bits,
                                                           self.symmetric)
             return self._quant_reference(x)
@@ -351,6 +355,9 @@ class _QuantLayerMixin:
                 up = self.weight_round_up = up.to(w.device)
             return fake_quant_rounded(w, self.weight_scale, self.weight_zp, self.weight_bits, up,
                                       symmetric=self.weight_symmetric)
+        if torch.compiler.is_compiling() and fused.available(w) and self._weight_stack is not None:
+            st = self._weight_stack  # built by an eager call: the kernel as one opaque op, as for activations
+            return fused.fake_quant_stacked_op(w, st[0], st[1], self.weight_bits, self.weight_symmetric)
         if not torch.compiler.is_compiling() and fused.available(w):
             st = self._weight_stack
             if st is None:
