@@ -94,8 +94,8 @@ def test_each_notebook_gets_only_what_it_declares_and_typos_stop_the_chain(tmp_p
 
 def test_lanes_balance_by_measured_seconds_and_keep_numeric_order():
     books = [Path(f"{n}_x.ipynb") for n in ("01", "02", "03", "04", "05", "06", "07")]
-    assert [[b.name[:2] for b in lane] for lane in plan_lanes(books, 2)] == [["01", "02", "06", "07"],
-                                                                          ["03", "04", "05"]]
+    assert [[b.name[:2] for b in lane] for lane in plan_lanes(books, 2)] == [["03", "06", "07"],
+                                                                          ["01", "02", "04", "05"]]
     assert plan_lanes(books, 1) == [books]
     assert len(plan_lanes(books[:2], 4)) == 2  # no empty lanes
     for bad in (0, -1, 1.5, True):

@@ -117,6 +117,38 @@ def test_the_chain_writes_its_run_folder_and_compares_with_the_committed_run(out
     assert [p.name for p in (outputs / "runs").iterdir()] == [folder.name]
 
 
+def test_each_finished_notebook_is_recorded_at_once_and_complete_means_every_notebook(outputs, monkeypatch,
+                                                                                       tmp_path):
+    """A chain killed after its first notebook (a device call's time limit) still says what it finished; --only
+    calls into the same folder add to it, and the run is complete once every notebook of the chain has run."""
+    src = tmp_path / "nb"
+    src.mkdir()
+    books = [_notebook(src / "01_saves.ipynb"), _notebook(src / "02_stops.ipynb", "raise SystemExit('killed')")]
+    monkeypatch.setattr(chain, "list_notebooks", lambda folder=None: list(books))
+    assert chain.main(["--no-html", "-p", "n_prompts", "8"]) == 1
+    (folder,) = (outputs / "runs").iterdir()
+    record = json.loads((folder / "run.json").read_text())
+    assert set(record["notebooks_seconds"]) == {"01_saves.ipynb"} and not record["complete"]
+    assert record["chain_notebooks"] == ["01_saves.ipynb", "02_stops.ipynb"]
+    # written as the notebook finished, not only at the chain's end: the record a killed process leaves
+    seen = []
+    real_note = runs.RunRecord.note
+
+    def spy(self, run):
+        real_note(self, run)
+        seen.append(set(json.loads((self.folder / "run.json").read_text())["notebooks_seconds"]))
+
+    monkeypatch.setattr(runs.RunRecord, "note", spy)
+    assert chain.main(["--no-html", "-p", "n_prompts", "8", "--only", "01"]) == 0
+    assert seen == [{"01_saves.ipynb"}]
+    record = json.loads((folder / "run.json").read_text())
+    assert not record["complete"], "only 01 of 01-02 has run: not a complete run"
+    _notebook(books[1], SAVES)  # 02 fixed
+    assert chain.main(["--no-html", "-p", "n_prompts", "8", "--only", "02"]) == 0
+    record = json.loads((folder / "run.json").read_text())
+    assert record["complete"] and set(record["notebooks_seconds"]) == {"01_saves.ipynb", "02_stops.ipynb"}
+
+
 def test_bad_parameters_leave_no_run_folder(outputs, monkeypatch, tmp_path, capsys):
     src = tmp_path / "nb"
     src.mkdir()

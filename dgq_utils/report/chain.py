@@ -16,7 +16,7 @@ notebook, the cell and the error.
 calibrated states, K-means fits), each guarded by a file lock, and none reads another's tables. So the chain can run
 them in several *lanes*, one kernel per lane at a time: on a CPU machine with two cores or fewer, where every
 notebook runs one torch thread (:func:`dgq_utils.report.context.open_model`), the default is two lanes --
-``01 02 06 07`` beside ``03 04 05`` (:func:`plan_lanes`, by the measured seconds :data:`EXPECTED_SECONDS`) -- which
+``03 06 07`` beside ``01 02 04 05`` (:func:`plan_lanes`, by the measured seconds :data:`EXPECTED_SECONDS`) -- which
 keeps both cores busy; elsewhere one lane. ``--lanes 1`` runs them one after another in numeric order. Whatever
 the lanes, the results are the same files: a cache entry is made once, by whichever notebook asks first.
 
@@ -46,9 +46,11 @@ DEFAULT_OUT = paths.output_dir() / "report"
 #: parameters that --quick sets (every notebook reads the ones it declares)
 QUICK_PARAMETERS = {"quick": True}
 
-#: seconds of each notebook of the default CPU chain in one lane (benchmarks/results/chain_timings/timings.json):
-#: the weights :func:`plan_lanes` balances the lanes by; a notebook not listed weighs 60 s
-EXPECTED_SECONDS = {"01": 49.0, "02": 72.0, "03": 36.0, "04": 658.0, "05": 487.0, "06": 916.0, "07": 120.0}
+#: seconds of each notebook of the default CPU chain, two lanes on 2 cores, from a fresh clone
+#: (benchmarks/results/chain_timings/fresh_clone_2026-12-03/run.json; 07 from
+#: benchmarks/results/calibration_sensitivity/README.md): the weights :func:`plan_lanes` balances the lanes by;
+#: a notebook not listed weighs 60 s
+EXPECTED_SECONDS = {"01": 42.0, "02": 58.0, "03": 26.0, "04": 228.0, "05": 325.0, "06": 520.0, "07": 110.0}
 
 
 class ChainError(RuntimeError):
@@ -133,13 +135,15 @@ def run_chain(
     kernel_name: str | None = None,
     lanes: int | None = None,
     log=None,
+    on_done=None,
 ) -> list[NotebookRun]:
     """Execute ``notebooks`` (default: all numbered notebooks) with ``parameters``, in ``lanes`` lanes
     (``None``: :func:`default_lanes`; see the module docstring), each lane in numeric order.
 
     Raises :class:`ChainError` naming the notebook and cell at the first failure (no further notebook is
     started; one already running in another lane finishes); the partially executed notebook is kept in
-    ``out_dir`` for inspection. Returns the runs in numeric order.
+    ``out_dir`` for inspection. Returns the runs in numeric order. ``on_done(run)`` is called as each notebook
+    finishes (the chain's CLI records it in the run folder's ``run.json`` at once).
     """
     import papermill as pm
 
@@ -175,8 +179,11 @@ def run_chain(
                 return
             env = {timing.LOG_ENV: str(stage_log.resolve()), timing.NOTEBOOK_ENV: book.name}
             try:
-                runs.append(_run_one(book, f"[{position[book]}/{total}]{name}", out_dir, parameters,
-                                     declared[book], kernel_name, html, log, env))
+                done = _run_one(book, f"[{position[book]}/{total}]{name}", out_dir, parameters,
+                                declared[book], kernel_name, html, log, env)
+                runs.append(done)
+                if on_done is not None:
+                    on_done(done)
             except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
                 failures.append(err)
                 stop.set()
@@ -310,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or run.notebooks_dir
     start = time.perf_counter()
     try:
-        runs = run_chain(run.parameters, out_dir=out, notebooks=books, html=not args.no_html, lanes=args.lanes)
+        runs = run_chain(run.parameters, out_dir=out, notebooks=books, html=not args.no_html, lanes=args.lanes,
+                         on_done=run.note)
     except ChainError as err:
         run.finish(error=str(err))
         print(f"report: {err}", file=sys.stderr)

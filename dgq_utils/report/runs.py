@@ -25,6 +25,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -122,6 +123,9 @@ def _shared(resolved: Mapping[str, Mapping[str, Any]], name: str, default: Any =
     return found[-1] if found else default
 
 
+_NOTE_LOCK = threading.Lock()
+
+
 @dataclass
 class RunRecord:
     """One run of the chain: its folder, the parameters the chain gets (``save_to`` set) and its ``run.json``."""
@@ -130,6 +134,8 @@ class RunRecord:
     parameters: dict
     record: dict = field(default_factory=dict)
     previous: dict | None = None
+    #: notebooks recorded by :meth:`note` during this call
+    noted: list = field(default_factory=list)
 
     @property
     def notebooks_dir(self) -> Path:
@@ -151,7 +157,7 @@ class RunRecord:
         """Record the notebooks that ran (``NotebookRun``-like: ``.notebook``, ``.seconds``) and whether the chain
         completed. A chain that stopped before any notebook ran (bad parameters) leaves the folder as it was: the
         earlier record back, or no folder."""
-        if error is not None and not runs:
+        if error is not None and not runs and not self.noted:
             if self.previous is not None:
                 atomic_write_json(self.folder / RUN_FILE, self.previous)
                 return
@@ -164,9 +170,24 @@ class RunRecord:
             return
         done = dict(self.record.get("notebooks_seconds", {}))
         done.update({r.notebook: round(float(r.seconds), 1) for r in runs})
-        self.record.update({"finished": _now(), "complete": error is None, "error": error,
+        chain = self.record.get("chain_notebooks")
+        # complete: this call raised nothing and, with earlier --only calls into the same folder, every notebook
+        # of the chain has run (a run record names them in "chain_notebooks")
+        covered = chain is None or set(chain) <= set(done)
+        self.record.update({"finished": _now(), "complete": error is None and covered, "error": error,
                             "notebooks_seconds": done})
         self.write()
+
+    def note(self, run: Any) -> None:
+        """Record one finished notebook at once (``NotebookRun``-like), so a chain killed later (a device call's
+        time limit, Ctrl-C) still says what it finished and a later ``--only`` call into the folder adds to it.
+        Safe to call from the chain's lane threads."""
+        with _NOTE_LOCK:
+            done = dict(self.record.get("notebooks_seconds", {}))
+            done[run.notebook] = round(float(run.seconds), 1)
+            self.record["notebooks_seconds"] = done
+            self.noted.append(run.notebook)
+            self.write()
 
 
 def start_run(parameters: Mapping[str, Any], notebooks: Sequence[Path], argv: Sequence[str] | None = None, *,
@@ -203,6 +224,7 @@ def start_run(parameters: Mapping[str, Any], notebooks: Sequence[Path], argv: Se
         "resolved": resolved,
         "command": "python -m dgq_utils.report" + ("" if not argv else " " + shlex.join(list(argv))),
         "notebooks": [Path(b).name for b in (only if only is not None else notebooks)],
+        "chain_notebooks": [Path(b).name for b in notebooks],
         "machine": machine_info(device),
         "git": git_state(),
         "started": _now(),
