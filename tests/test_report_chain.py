@@ -137,3 +137,28 @@ def test_a_failure_in_one_lane_stops_the_other_lanes_next_notebook(tmp_path):
         run_chain({}, out_dir=tmp_path / "out", notebooks=list_notebooks(src), html=False, lanes=2,
                   log=lambda m: None)
     assert not (src / "ran.txt").exists()
+
+
+def test_side_by_side_kernels_share_the_cpus_and_a_lone_one_keeps_them(tmp_path, monkeypatch):
+    from dgq_utils.report.chain import LANE_THREAD_VARS, lane_cpu_env
+
+    assert lane_cpu_env(1, cpus=16, environ={}) == {}
+    assert lane_cpu_env(4, cpus=16, environ={}) == {name: "4" for name in LANE_THREAD_VARS}
+    assert lane_cpu_env(2, cpus=2, environ={})["OMP_NUM_THREADS"] == "1"
+    assert lane_cpu_env(3, cpus=2, environ={})["DGQ_KMEANS_JOBS"] == "1"  # never 0
+    assert "OMP_NUM_THREADS" not in lane_cpu_env(4, cpus=16, environ={"OMP_NUM_THREADS": "2"})  # the user's wins
+    # the kernels of a two-lane chain see their share
+    for name in LANE_THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("dgq_utils.report.chain.available_cpus", lambda: 6)
+    src = tmp_path / "nb"
+    src.mkdir()
+    for n in ("01", "02"):
+        _notebook(src / f"{n}_env.ipynb", ["import os, json",
+                                           f"open('{n}.json', 'w').write(json.dumps({{k: os.environ.get(k) for k in "
+                                           f"{list(LANE_THREAD_VARS)!r}}}))"])
+    lines = []
+    run_chain({}, out_dir=tmp_path / "out", notebooks=list_notebooks(src), html=False, lanes=2, log=lines.append)
+    for n in ("01", "02"):
+        assert json.loads((src / f"{n}.json").read_text()) == {name: "3" for name in LANE_THREAD_VARS}
+    assert "OMP_NUM_THREADS=3" in lines[0]

@@ -111,6 +111,24 @@ def default_lanes(parameters: dict) -> int:
     return 2 if available_cpus() <= 2 else 1
 
 
+#: environment variables that cap a notebook kernel's CPU threads / worker processes (torch's default intra-op
+#: threads follow OMP_NUM_THREADS; K-means workers DGQ_KMEANS_JOBS, :func:`dgq_utils.core.grouping.kmeans_workers`)
+LANE_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DGQ_KMEANS_JOBS")
+
+
+def lane_cpu_env(lanes: int, cpus: int | None = None, environ=None) -> dict[str, str]:
+    """The CPU share of each lane's kernel when ``lanes`` notebooks run side by side: ``cpus // lanes`` (at least 1)
+    for every variable of :data:`LANE_THREAD_VARS` the user has not set. One lane: nothing (a lone notebook uses
+    the whole machine). Before it, each of 4 lanes on the 16-core H200 host started 16 torch threads and up to 16
+    K-means workers, and notebook 02 took 294 s instead of its 50 s alone, 03 379 s instead of 28 s (2026-12-04;
+    oversubscription is the suspected cause, the capped form is not yet measured there)."""
+    if lanes <= 1:
+        return {}
+    environ = os.environ if environ is None else environ
+    share = max(1, (available_cpus() if cpus is None else int(cpus)) // int(lanes))
+    return {name: str(share) for name in LANE_THREAD_VARS if not str(environ.get(name, "")).strip()}
+
+
 def plan_lanes(books: list[Path], lanes: int) -> list[list[Path]]:
     """Spread ``books`` over at most ``lanes`` lanes: longest first onto the least loaded lane (weights
     :data:`EXPECTED_SECONDS` by notebook number), then each lane in numeric order. Empty lanes are dropped."""
@@ -167,8 +185,10 @@ def run_chain(
     total = len(books)
     stage_log = out_dir / "timings.jsonl"
     stage_log.unlink(missing_ok=True)
+    share = lane_cpu_env(len(plan))
     if len(plan) > 1:
-        log("lanes: " + " | ".join(" ".join(b.name[:2] for b in lane) for lane in plan))
+        log("lanes: " + " | ".join(" ".join(b.name[:2] for b in lane) for lane in plan)
+            + (f" (each kernel: {', '.join(f'{k}={v}' for k, v in share.items())})" if share else ""))
     runs: list[NotebookRun] = []
     failures: list[BaseException] = []
     stop = threading.Event()
@@ -177,7 +197,7 @@ def run_chain(
         for book in lane:
             if stop.is_set():
                 return
-            env = {timing.LOG_ENV: str(stage_log.resolve()), timing.NOTEBOOK_ENV: book.name}
+            env = {**share, timing.LOG_ENV: str(stage_log.resolve()), timing.NOTEBOOK_ENV: book.name}
             try:
                 done = _run_one(book, f"[{position[book]}/{total}]{name}", out_dir, parameters,
                                 declared[book], kernel_name, html, log, env)
