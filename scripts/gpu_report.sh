@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The report chain on the GPU machine (no diffusers / papermill / jupyter there: they travel as wheels in .whl/).
+# The report chain on the GPU machine (no diffusers / papermill / jupyter there: they travel as wheels in .whl/,
+# which `bash scripts/gpu_wheels.sh` downloads here; name ".whl" in the device call's carry).
 #
 #   bash scripts/gpu_report.sh OUTDIR [report args...]
 #   e.g. bash scripts/gpu_report.sh $OUT -p device cuda -p n_prompts 2000 -p n_ablation 1000 -p batch_size 250
@@ -27,6 +28,9 @@ export PATH=/tmp/site/bin:$PATH
 print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__, \
 'transformers', transformers.__version__, 'papermill', papermill.__version__, 'torchmetrics', torchmetrics.__version__)"
 } 2>&1 | tee "$OUTDIR/env.txt"
+# a missing wheel shows here, in seconds, instead of as a chain that cannot export its first notebook
+python3 -c "from nbconvert import HTMLExporter; import papermill, ipykernel, diffusers, torch_fidelity" \
+  || { echo "the carried wheels are incomplete (bash scripts/gpu_wheels.sh)" | tee -a "$OUTDIR/env.txt"; exit 1; }
 # REPORT_TIMEOUT (s, default 560) stops the chain early enough that the packing below still runs inside the
 # device call's limit: a stopped chain still brings back what it finished (with rc 124).
 timeout "${REPORT_TIMEOUT:-560}" python3 -m dgq_utils.report "$@" 2>&1 | tee "$OUTDIR/report.log"
