@@ -121,9 +121,9 @@ def lane_cpu_env(lanes: int, cpus: int | None = None, environ=None) -> dict[str,
     for every variable of :data:`LANE_THREAD_VARS` the user has not set. One lane: nothing (a lone notebook uses
     the whole machine); on a machine with at most two CPUs nothing either (there each notebook already runs one
     torch thread, :func:`dgq_utils.report.context.open_model`, and the two K-means workers per lane are the form
-    the CPU timings were measured with). Before it, each of 4 lanes on the 16-core H200 host started 16 torch threads and up to 16
-    K-means workers, and notebook 02 took 294 s instead of its 50 s alone, 03 379 s instead of 28 s (2026-12-04;
-    oversubscription is the suspected cause, the capped form is not yet measured there)."""
+    the CPU timings were measured with). Before it, each of 4 lanes on the 16-core H200 host started 16 torch
+    threads and up to 16 K-means workers, and notebook 02 took 294 s instead of its 50 s alone, 03 379 s instead of
+    28 s (2026-12-04; oversubscription is the suspected cause, the capped form is not yet measured there)."""
     cpus = available_cpus() if cpus is None else int(cpus)
     if lanes <= 1 or cpus <= 2:
         return {}
