@@ -124,6 +124,28 @@ def test_ablation_table_matches_06_csvs():
     assert not problems, "\n".join(problems)
 
 
+def test_table2_layout_matches_07_csv():
+    """The paper's grid in the README (laid out like its Table 2): the paper's numbers and ours, row by row."""
+    header, rows = _table("| setting | method | paper FID")
+    df = pd.read_csv(RESULTS / "07_table2_layout.csv")
+    assert len(rows) == len(df), f"README Table 2 has {len(rows)} rows, 07_table2_layout.csv {len(df)}"
+    problems = []
+    columns = {"paper FID": ("paper_fid",), "paper CLIP": ("paper_clip_score",)}
+    for column in header[4:]:
+        metric = _metric(column)
+        columns[column] = tuple(f"ours_{metric}{s}" for s in ("", "_low", "_high"))
+    for row, r in zip(rows, df.itertuples()):
+        method = r.method if pd.isna(r.k) else f"{r.method} K = {int(r.k)}"
+        assert (row[0], row[1]) == (r.setting, method), f"README Table 2 row {row[:2]} vs CSV {(r.setting, method)}"
+        for column, cell in zip(header[2:], row[2:]):
+            values = tuple(getattr(r, c) for c in columns[column])
+            if cell == "—":
+                assert all(pd.isna(v) for v in values), f"{r.setting} {method} {column}: README shows no value"
+                continue
+            _check(cell, values, f"07_table2_layout {r.setting} {method} {column}", problems)
+    assert not problems, "\n".join(problems)
+
+
 def _cell(csv: str, column: str, **where) -> float:
     df = pd.read_csv(RESULTS / csv)
     for k, v in where.items():
@@ -138,32 +160,36 @@ def _paired(recipe, metric):
 
 #: numbers quoted in the README's prose: (the exact text, [(csv, column, row selector[, scale]) per number in it])
 PROSE = [
-    ("-0.029 [-0.042, -0.015]", _paired("baseline-w8a8", "alignment_caption")),
-    ("-0.030 [-0.046, -0.015]", _paired("baseline-w4a8", "alignment_caption")),
-    ("CLIP score (-0.014, -0.014", [("05_paired_vs_fp.csv", "value", {"recipe": r, "metric": "clip_score"})
+    ("-0.030 [-0.041, -0.017]", _paired("baseline-w8a8", "alignment_caption")),
+    ("-0.025 [-0.038, -0.009]", _paired("baseline-w4a8", "alignment_caption")),
+    ("CLIP score (-0.019, -0.016", [("05_paired_vs_fp.csv", "value", {"recipe": r, "metric": "clip_score"})
                                     for r in ("baseline-w8a8", "baseline-w4a8")]),
-    ("alignment -0.006 [-0.018, 0.008]", _paired("dgq-w8a8", "alignment_caption")),
+    ("alignment -0.009 [-0.021, 0.006]", _paired("dgq-w8a8", "alignment_caption")),
     ("CLIP\n-0.004 [-0.010, 0.003]", _paired("dgq-w8a8", "clip_score")),
-    ("CLIP -0.005 [-0.013, 0.004]", _paired("dgq-w4a8", "clip_score")),
-    ("alignment -0.149 vs\n-0.324", [("05_paired_vs_fp.csv", "value", {"recipe": r, "metric": "alignment_caption"})
-                                     for r in ("dgq-w8a6", "baseline-w8a6")]),
-    ("DGQ closes 68 % of the baseline's CLIP-score gap to FP at W8A6 (paper: 84 %), 70 % at W8A8 (paper: 92 %)\n"
-     "  and 66 % at W4A8 (paper: 76 %)",
+    ("CLIP -0.006 [-0.014, 0.002]", _paired("dgq-w4a8", "clip_score")),
+    ("loss is resolved in this run (-0.018 [-0.033, -0.003]", _paired("dgq-w4a8", "alignment_caption")),
+    ("(alignment -0.153 vs -0.330)", [("05_paired_vs_fp.csv", "value", {"recipe": r, "metric": "alignment_caption"})
+                                      for r in ("dgq-w8a6", "baseline-w8a6")]),
+    ("(W4A8: +0.007 [-0.007, 0.021]", [("05_dgq_vs_baseline.csv", c, {"setting": "W4A8", "metric": "alignment_caption"})
+                                       for c in ("diff", "ci_low", "ci_high")]),
+    ("DGQ closes 71 % of the baseline's CLIP-score gap to FP at W8A6 (paper: 84 %), 81 % at W8A8 (paper: 92 %)\n"
+     "  and 63 % at W4A8 (paper: 76 %)",
      [("05_vs_paper.csv", c, {"setting": s, "metric": "clip_score"}, 100)
       for s in ("W8A6", "W8A8", "W4A8") for c in ("ours_gap_closed", "paper_gap_closed")]),
-    ("(baseline FID 130, DGQ 74, FP 49)", [("05_results.csv", "value", {"recipe": r, "metric": "fid"})
+    ("(baseline FID 141, DGQ 68, FP 49)", [("05_results.csv", "value", {"recipe": r, "metric": "fid"})
                                            for r in ("baseline-w8a6", "dgq-w8a6", "fp")]),
-    ("(FID 47.3 vs 48.7", [("05_results.csv", "value", {"recipe": r, "metric": "fid"}) for r in ("dgq-w8a8", "fp")]),
-    ("Per-tensor activations lose 0.17\n  alignment, contiguous instead of K-means groups 0.09, shared instead of "
-     "per-timestep parameters 0.05, uniform\n  instead of log2 softmax 0.04, quantizing the `<start>` column 0.04",
+    ("(FID 49.3 vs 48.8", [("05_results.csv", "value", {"recipe": r, "metric": "fid"}) for r in ("dgq-w8a8", "fp")]),
+    ("Per-tensor activations lose 0.17 alignment, contiguous instead of K-means groups 0.08, shared instead of\n"
+     "  per-timestep parameters 0.05 (all CIs exclude zero). Uniform instead of log2 softmax (0.01) and quantizing the "
+     "`<start>` column (0.03)",
      [("06_ablations_vs_dgq.csv", "diff", {"recipe": r, "metric": "alignment_caption"}, -1)
       for r in ("dgq-w8a6-per-tensor", "dgq-w8a6-contiguous", "dgq-w8a6-shared-timesteps",
                 "dgq-w8a6-uniform-softmax", "dgq-w8a6-no-start-fp")]),
-    ("raises PSNR (+0.23 dB", [("06_ablations_vs_dgq.csv", "diff", {"recipe": "dgq-w8a6-uniform-softmax",
+    ("raises PSNR (+0.55 dB", [("06_ablations_vs_dgq.csv", "diff", {"recipe": "dgq-w8a6-uniform-softmax",
                                                                     "metric": "psnr"})]),
     ("(at 2000 prompts: ±0.021, ±0.011, ±0.24 dB", [("05_ci_halfwidths.csv", "median_halfwidth", {"metric": m})
                                                     for m in ("alignment_caption", "clip_score", "psnr")]),
-    ("for only 52 % of inputs (the outlier-ratio alternative: 43 %)",
+    ("for only 52 % of inputs (the outlier-ratio alternative: 44 %)",
      [("02_axis_rule_accuracy.csv", "picks_better_axis", {"rule": r}, 100)
       for r in ("official_spread", "outlier_ratio")]),
     ("K-means groups cut the error to 0.40x of per-tensor at K = 16 (contiguous 0.58x, sorted 0.64x; an oracle axis\n"
@@ -177,7 +203,41 @@ PROSE = [
      [lambda kind=k, q=q, fp=fp: _prob_error(kind, q, fp)
       for k, q, fp in (("cross", "log2", True), ("cross", "uniform", True), ("self", "log2", False),
                        ("self", "uniform", False))]),
+    # notebook 07: the calibration-size sweep (DGQ - baseline PSNR) and the components at 4 prompts
+    ("W8A8 PSNR is -10.10 dB [-10.46, -9.75] at\n4 calibration prompts, -3.49 at 16, +0.10 [-0.23, +0.44] at 64 and "
+     "+0.86 [+0.50, +1.21] at 256",
+     [source for n, cols in ((4, ("diff", "ci_low", "ci_high")), (16, ("diff",)),
+                             (64, ("diff", "ci_low", "ci_high")), (256, ("diff", "ci_low", "ci_high")))
+      for source in [("07_calibration_sizes.csv", c, {"n_calibration": n, "setting": "W8A8", "metric": "psnr",
+                                                      "comparison": "dgq - baseline"}) for c in cols]
+      + [lambda n=n: _sweep_size(n)]]),
+    ("At W8A6 it is\n-1.53, +2.48, +3.37 and +3.37 dB",
+     [("07_calibration_sizes.csv", "diff", {"n_calibration": n, "setting": "W8A6", "metric": "psnr",
+                                            "comparison": "dgq - baseline"}) for n in (4, 16, 64, 256)]),
+    ("W8A8 PSNR to FP falls from 36.9 to 35.7 dB",
+     [("07_calibration_sizes.csv", "diff", {"n_calibration": n, "recipe": "baseline-w8a8", "metric": "psnr",
+                                            "comparison": "vs fp"}) for n in (4, 256)]),
+    ("per-tensor activations 79 %, contiguous instead of K-means groups 49 %, shared timestep sets 33 %, group ranges\n"
+     "that include zero 0 %, the baseline's softmax quantizer 1 %",
+     [("07_calibration_components.csv", "gap_closed", {"recipe": r, "metric": "psnr"}, 100)
+      for r in ("dgq-w8a8-per-tensor", "dgq-w8a8-contiguous", "dgq-w8a8-shared-timesteps", "dgq-w8a8-zero-in-range",
+                "dgq-w8a8-baseline-softmax")]),
+    ("(W8A6 FID 67.7 vs 76.0, CLIP score 0.682 vs 0.664",
+     [("07_table2_layout.csv", c, {"setting": "W8A6", "recipe": r}) for c in ("ours_fid", "ours_clip_score")
+      for r in ("dgq-w8a6", "dgq-w8a6-g8")]),
+    # notebook 06: AdaRound vs nearest rounding at large N
+    ("AdaRound minus nearest is +1.73 dB [1.37, 2.06] PSNR and\n+0.012 [0.009, 0.015] SSIM at W4A8, +0.73 dB "
+     "[0.46, 0.98] and +0.010 [0.006, 0.013] at W4A6",
+     [("06_weight_rounding.csv", c, {"recipe": r, "reference": "nearest", "metric": m})
+      for r in ("dgq-w4a8-adaround", "dgq-w4a6-adaround") for m in ("psnr", "ssim")
+      for c in ("diff", "ci_low", "ci_high")]),
 ]
+
+
+def _sweep_size(n: int) -> float:
+    """``n`` when notebook 07's sweep has that many calibration prompts (a printed size the CSV must hold)."""
+    sizes = set(pd.read_csv(RESULTS / "07_calibration_sizes.csv").n_calibration)
+    return float(n) if n in sizes else float("nan")
 
 
 def _prob_error(kind: str, quantizer: str, start_fp: bool) -> float:
