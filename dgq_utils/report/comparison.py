@@ -46,7 +46,10 @@ __all__ = [
     "ABLATION_LABELS",
     "paired_vs",
     "PAPER_TABLE2",
+    "PAPER_MODEL_OF_FAMILY",
     "paper_comparison",
+    "paper_model_for",
+    "paper_rows",
     "ci_halfwidths",
     "wide_table",
 ]
@@ -56,16 +59,19 @@ __all__ = [
 # 04-06: evaluation
 # ==============================================================================================================
 def comparison_setup(ctx: ModelContext, metrics: Sequence[str] | None = None, *, n_reference: int = 512,
-                     seed: int = 0) -> tuple[list[str], MetricsConfig]:
+                     seed: int = 0, log=print) -> tuple[list[str], MetricsConfig]:
     """``(metric names, MetricsConfig)`` for :func:`dgq_utils.evaluate.compare.run_comparison` on the model at hand.
 
     * embedded: FID / KID on the world's attribute-evaluator features against rendered test scenes, the world's
       small CLIP score, attribute alignment accuracy, PSNR / SSIM vs FP (and LPIPS when its backbone weights are
       on disk) -- :func:`dgq_utils.world.comparison.embedded_metrics`, the set-up of ``run_embedded_comparison``;
-    * tiny / external: fidelity to FP only (PSNR, SSIM, LPIPS if available): no offline reference or scorer
-      exists for them (for SD v1.4 the paper protocol is :func:`dgq_utils.evaluate.protocol.run_paper_protocol`).
+    * tiny / external (SD 1.x / 2.x / SDXL / SDXL-Turbo folders): fidelity to FP only (PSNR, SSIM, LPIPS if
+      available): the world's evaluator and small CLIP were trained on the embedded model's images and would score
+      another model's images meaninglessly, and no offline reference exists (for SD v1.4 and SDXL-Turbo, notebook
+      05's ``coco_captions`` & co. run the paper's protocol instead: :mod:`dgq_utils.report.paper_protocol`).
 
-    ``metrics`` filters the set (names the model cannot support are dropped).
+    ``metrics`` filters the set. Every metric asked for (or, with ``metrics=None``, every metric of the embedded
+    model) that the model cannot support is named through ``log`` with the reason -- never dropped silently.
     """
     lpips_ok = M.lpips_backbone_file("alex")[1].is_file()
     fidelity = ["psnr", "ssim"] + (["lpips"] if lpips_ok else [])
@@ -73,10 +79,37 @@ def comparison_setup(ctx: ModelContext, metrics: Sequence[str] | None = None, *,
     if ctx.kind == "embedded":
         available = ["fid", "kid", "clip_score", "alignment"] + fidelity
         chosen = [m for m in (metrics or available) if m in available]
+        _note_dropped(ctx, metrics or available, chosen, lpips_ok, log)
         return chosen, embedded_metrics(chosen, embedded_dir=ctx.embedded_dir, n_reference=n_reference, seed=seed,
                                         device=ctx.device).replace(device=device)
     chosen = [m for m in (metrics or fidelity) if m in fidelity]
+    _note_dropped(ctx, metrics or ["fid", "kid", "clip_score", "alignment", "psnr", "ssim", "lpips"], chosen,
+                  lpips_ok, log)
     return chosen, MetricsConfig(chosen, device=device)
+
+
+#: metrics that need the embedded world's evaluator, small CLIP or rendered reference scenes
+WORLD_METRICS = ("fid", "kid", "clip_score", "alignment")
+
+
+def _note_dropped(ctx: ModelContext, asked: Sequence[str], chosen: Sequence[str], lpips_ok: bool, log) -> None:
+    """One line through ``log`` naming each metric of ``asked`` not in ``chosen`` and why."""
+    dropped = [m for m in asked if m not in chosen]
+    if not dropped:
+        return
+    why = []
+    world = [m for m in dropped if m in WORLD_METRICS]
+    if world:
+        why.append(f"{', '.join(world)}: they use the embedded world's evaluator / small CLIP / rendered scenes, "
+                   f"which score only the embedded model's images (this is {ctx.label}, family {ctx.family}); "
+                   "for SD v1.4 or SDXL-Turbo set notebook 05's coco_captions, fid_reference, inception_weights "
+                   "and clip_weights to run the paper's protocol")
+    if "lpips" in dropped and not lpips_ok:
+        why.append(f"lpips: its backbone weights are not on disk ({M.lpips_backbone_file('alex')[1]})")
+    other = [m for m in dropped if m not in WORLD_METRICS and m != "lpips"]
+    if other:
+        why.append(f"{', '.join(other)}: not a metric of this comparison")
+    log(f"metrics not computed -- {'; '.join(why)}. The tables hold: {', '.join(chosen) or 'nothing'}.")
 
 
 def ablation_recipes(base: str = "dgq-w8a6") -> list:
@@ -164,13 +197,30 @@ def ci_halfwidths(table: pd.DataFrame) -> pd.DataFrame:
 # The paper's Table 2, SD v1.4 on MS-COCO (IS, FID, CLIP) and PartiPrompts CLIP, read from the project page image
 # (see shared/dgq-official-code.md section 7; "Q-Diff"/"TFMQ" are the paper's per-tensor baselines). The numbers
 # live in one file, dgq_utils/protocol/paper_table2.csv, which the protocol command reads too.
-PAPER_TABLE2 = paper_table2("sd-v1.4")[["bits", "method", "k", "is", "fid", "clip_score", "parti_clip"]].astype(
-    {"k": "float64"})
+#: the paper's Table 2 rows that belong to a model family (the embedded model is compared with SD v1.4's, by
+#: shape only); SD 2.x and SDXL have no rows in the paper
+PAPER_MODEL_OF_FAMILY = {"embedded": "sd-v1.4", "sd1": "sd-v1.4", "sdxl-turbo": "sdxl-turbo"}
+
+
+def paper_model_for(family: str) -> str | None:
+    """``"sd-v1.4"`` / ``"sdxl-turbo"``: the paper's Table 2 rows for a model of ``family``; ``None``: the paper
+    has none (SD 2.x, SDXL)."""
+    return PAPER_MODEL_OF_FAMILY.get(family)
+
+
+def paper_rows(paper_model: str) -> pd.DataFrame:
+    """The paper's Table 2 rows of ``paper_model`` (``"sd-v1.4"`` or ``"sdxl-turbo"``), the columns notebook 05
+    shows."""
+    return paper_table2(paper_model)[["bits", "method", "k", "is", "fid", "clip_score", "parti_clip"]].astype(
+        {"k": "float64"})
+
+
+PAPER_TABLE2 = paper_rows("sd-v1.4")
 
 
 def paper_comparison(table: pd.DataFrame, *, metrics: Sequence[str] = ("fid", "clip_score"),
                      settings: Sequence[str] = ("w8a8", "w8a6", "w4a8"),
-                     paired: pd.DataFrame | None = None) -> pd.DataFrame:
+                     paired: pd.DataFrame | None = None, paper_model: str = "sd-v1.4") -> pd.DataFrame:
     """Side by side, per bit setting and metric: FP, the per-tensor baseline and DGQ (K = 16) in the paper (the
     TFMQ row, the paper's per-timestep per-tensor baseline) and here, and whether DGQ beats the baseline and
     how much of the baseline's gap to FP it closes, in each.
@@ -180,7 +230,13 @@ def paper_comparison(table: pd.DataFrame, *, metrics: Sequence[str] = ("fid", "c
     of the result (DGQ vs baseline, gap to FP) is. With ``paired`` (``run_comparison``'s paired-vs-FP table), our
     ``gap_closed`` is left NaN where the baseline's own difference to FP is not resolved (its CI contains 0): a
     share of a gap that may not exist is meaningless (``ours_baseline_gap_resolved`` says which).
+
+    ``paper_model``: whose rows (``"sd-v1.4"``, or ``"sdxl-turbo"`` for an SDXL-Turbo run: the paper reports DGQ
+    there with K = 8 only, so its DGQ column is K = 8 while ours is the ``dgq-wXaY`` preset, K = 16;
+    ``paper_dgq_k`` says which K the paper's column is).
     """
+    pr = paper_rows(paper_model)
+    paper_k = 16 if (pr["k"] == 16).any() else float(pr["k"].max())
     resolved = {}
     if paired is not None and len(paired):
         for r in paired.itertuples():
@@ -193,10 +249,9 @@ def paper_comparison(table: pd.DataFrame, *, metrics: Sequence[str] = ("fid", "c
         for m in metrics:
             hb = higher_better.get(m, True)
             paper_col = {"isc": "is"}.get(m, m)
-            pr = PAPER_TABLE2
             p_fp = pr.loc[pr["method"] == "FP", paper_col]
             p_base = pr.loc[(pr["bits"] == bits) & (pr["method"] == "TFMQ"), paper_col]
-            p_dgq = pr.loc[(pr["bits"] == bits) & (pr["method"] == "DGQ") & (pr["k"] == 16), paper_col]
+            p_dgq = pr.loc[(pr["bits"] == bits) & (pr["method"] == "DGQ") & (pr["k"] == paper_k), paper_col]
             o_fp = ours.get(("fp", m), math.nan)
             o_base = ours.get((f"baseline-{s}", m), math.nan)
             o_dgq = ours.get((f"dgq-{s}", m), math.nan)
@@ -215,7 +270,8 @@ def paper_comparison(table: pd.DataFrame, *, metrics: Sequence[str] = ("fid", "c
             pb = float(p_base.iloc[0]) if len(p_base) else math.nan
             pd_ = float(p_dgq.iloc[0]) if len(p_dgq) else math.nan
             gap_ok = resolved.get((f"baseline-{s}", m), True)
-            rows.append({"setting": bits, "metric": m, "higher_is_better": hb,
+            rows.append({"setting": bits, "metric": m, "higher_is_better": hb, "paper_model": paper_model,
+                         "paper_dgq_k": int(paper_k),
                          "paper_fp": pf, "paper_baseline": pb, "paper_dgq": pd_,
                          "paper_dgq_beats_baseline": beats(pb, pd_), "paper_gap_closed": closed(pf, pb, pd_),
                          "ours_fp": o_fp, "ours_baseline": o_base, "ours_dgq": o_dgq,

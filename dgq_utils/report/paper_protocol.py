@@ -42,7 +42,8 @@ def run_protocol_comparison(session: Session, files: ProtocolFiles, recipes: Seq
 
     return run_paper_protocol(
         files,
-        ctx.run_dir("05-protocol", n=cfg.n_prompts, steps=cfg.num_inference_steps, seed=cfg.seed),
+        ctx.run_dir("05-protocol", n=cfg.n_prompts, steps=session.sampler.num_inference_steps,
+                    guidance=session.sampler.guidance_scale, seed=cfg.seed),
         recipes=list(recipes),
         protocol=ProtocolConfig(n_images=cfg.n_prompts, n_clip=min(3000, cfg.n_prompts),
                                 n_calibration=cfg.n_calibration),

@@ -23,6 +23,11 @@ LIST_ITEMS = {"group_counts": "n_groups", "bits_grid": "bits"}
 #: parameters whose declared default is ``None`` but whose type is known: name -> check
 NONE_DEFAULT_RULES = {
     "threads": lambda v, name: V.check_count(v, name, 1, fix="CPU threads for torch, or None for the default."),
+    # None: the model family's sampler (dgq_utils.report.sampling)
+    "num_inference_steps": lambda v, name: V.check_count(
+        v, name, 1, fix="sampling steps, e.g. 25, or None for the model family's (SDXL-Turbo: 4)."),
+    "guidance_scale": lambda v, name: V.check_number(
+        v, name, minimum=0.0, fix="e.g. 7.5 (0 = no classifier-free guidance), or None for the model family's."),
 }
 
 

@@ -503,18 +503,20 @@ def paired_bars(paired: pd.DataFrame, metrics: Sequence[str], *, recipes: Sequen
 
 
 def paper_vs_ours(comp: pd.DataFrame, *, path=None, title: str | None = None):
-    """Share of the baseline's gap to FP that DGQ closes, per bit setting and metric: the paper (SD v1.4) vs
-    this run."""
+    """Share of the baseline's gap to FP that DGQ closes, per bit setting and metric: the paper (its SD v1.4 rows,
+    or those of ``comp``'s ``paper_model``) vs this run."""
+    paper = "paper (SD v1.4)" if "paper_model" not in comp or comp["paper_model"].iloc[0] == "sd-v1.4" else \
+        f"paper ({comp['paper_model'].iloc[0]})"
     long = comp.melt(id_vars=["setting", "metric"], value_vars=["paper_gap_closed", "ours_gap_closed"],
                      var_name="source", value_name="gap_closed")
-    long["source"] = long["source"].map({"paper_gap_closed": "paper (SD v1.4)", "ours_gap_closed": "this run"})
+    long["source"] = long["source"].map({"paper_gap_closed": paper, "ours_gap_closed": "this run"})
     long["panel"] = long["metric"]
     metrics = list(dict.fromkeys(long["metric"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], metrics):
         d = long[long["metric"] == m]
         sns.barplot(data=d, x="setting", y="gap_closed", hue="source", ax=ax,
-                    palette={"paper (SD v1.4)": "#999999", "this run": "#2166ac"})
+                    palette={paper: "#999999", "this run": "#2166ac"})
         ax.axhline(0, color="black", lw=0.8)
         ax.axhline(1, color="grey", lw=0.8, ls="--")
         vals = d["gap_closed"].dropna()

@@ -7,6 +7,10 @@ A full run of the chain (``python -m dgq_utils.report``, no ``--quick``, a real 
     notebooks/             executed notebooks, their HTML exports and the stage timings
     run.json               parameters, command, machine, git commit, dates, notebooks run, complete or not
 
+``run.json``'s ``settings`` name the model's family and the sampler the notebooks use (``settings["sampler"]``:
+steps and guidance after the family's defaults and quick mode's cap, :mod:`dgq_utils.report.sampling`); in
+``resolved`` a ``None`` step count or guidance is replaced by the family's value.
+
 ``<hash>`` (:func:`dgq_utils.report.folders.short_hash`) covers every parameter of every notebook of the chain as
 it will run (the notebooks' declared defaults with the ``-p`` values applied), except those that only say where
 files go or how many threads compute them (:data:`NOT_IN_NAME`); so two runs share a folder exactly when they
@@ -33,7 +37,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dgq_utils.atomic import atomic_write_json
+from dgq_utils.config.validation import InvalidArgumentError
+from dgq_utils.model.loading import FAMILY_SAMPLER_DEFAULTS
+from dgq_utils.report.context import model_family_of
 from dgq_utils.report.folders import NOT_IN_NAME, ROOT, default_run_folder
+from dgq_utils.report.sampling import report_sampling
 
 __all__ = [
     "COMMITTED_FILE",
@@ -117,6 +125,29 @@ def _resolve(parameters: Mapping[str, Any], inspected: Mapping[Any, Mapping[str,
     return out
 
 
+#: notebook parameters whose ``None`` default means "the model family's value" (:mod:`dgq_utils.report.sampling`)
+FAMILY_PARAMETERS = ("num_inference_steps", "guidance_scale")
+
+
+def _with_family_sampler(resolved: dict, family: str | None) -> dict:
+    """``resolved`` with the ``None`` of :data:`FAMILY_PARAMETERS` replaced by ``family``'s values (what the notebooks
+    run with; quick mode's step cap is not applied here: ``settings["sampler"]`` records it)."""
+    if family is None:
+        return resolved
+    defaults = FAMILY_SAMPLER_DEFAULTS[family]
+    return {book: {k: (defaults[k] if k in FAMILY_PARAMETERS and v is None else v) for k, v in values.items()}
+            for book, values in resolved.items()}
+
+
+def _family(model_id: Any) -> tuple[str | None, str | None]:
+    """``(family, None)`` of the run's model, or ``(None, why)`` when the chain cannot tell (the notebooks then
+    fail on loading it, with the loader's message)."""
+    try:
+        return model_family_of(model_id), None
+    except (OSError, ValueError) as err:  # FileNotFoundError, ModelNotAvailableOffline, UnsupportedPipeline
+        return None, f"{type(err).__name__}: {err}"
+
+
 def _shared(resolved: Mapping[str, Mapping[str, Any]], name: str, default: Any = None) -> Any:
     """The value of ``name`` in the last notebook that declares it (04-06 agree on the shared ones)."""
     found = [v[name] for v in resolved.values() if name in v]
@@ -198,8 +229,17 @@ def start_run(parameters: Mapping[str, Any], notebooks: Sequence[Path], argv: Se
     import papermill as pm
 
     inspected = {Path(b): pm.inspect_notebook(str(b)) for b in notebooks}
-    resolved = _resolve(parameters, inspected)
+    declared = _resolve(parameters, inspected)
+    family, family_error = _family(_shared(declared, "model_id"))
+    resolved = _with_family_sampler(declared, family)
     quick = bool(parameters.get("quick", False))
+    sampler = None
+    if family is not None:
+        try:  # what the notebooks will sample with (a bad -p value is reported by the chain's parameter check)
+            sampler = report_sampling(family, _shared(declared, "num_inference_steps"),
+                                      _shared(declared, "guidance_scale"), quick=quick).as_record()
+        except InvalidArgumentError:
+            sampler = None
     device = _shared(resolved, "device", "cpu")
     save_to = parameters.get("save_to")
     if save_to is not None:
@@ -219,7 +259,8 @@ def start_run(parameters: Mapping[str, Any], notebooks: Sequence[Path], argv: Se
         "folder": str(folder),
         "settings": {"model_id": _shared(resolved, "model_id"), "device": device, "quick": quick,
                      "n_prompts": _shared(resolved, "n_prompts"), "n_calibration": _shared(resolved, "n_calibration"),
-                     "seed": _shared(resolved, "seed")},
+                     "seed": _shared(resolved, "seed"), "family": family, "sampler": sampler,
+                     **({"family_error": family_error} if family_error else {})},
         "parameters": dict(parameters),
         "resolved": resolved,
         "command": "python -m dgq_utils.report" + ("" if not argv else " " + shlex.join(list(argv))),

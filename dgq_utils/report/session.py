@@ -29,6 +29,7 @@ from dgq_utils.evaluate.config import BootstrapConfig, EvaluationSet, MetricsCon
 from dgq_utils.quantize.cache import StateCache
 from dgq_utils.report.context import ModelContext, open_model
 from dgq_utils.report.folders import output_dirs, write_table
+from dgq_utils.report.sampling import report_sampling
 from dgq_utils.timing import stage
 
 __all__ = [
@@ -48,6 +49,8 @@ class SetupConfig:
 
     ``n_prompts``: evaluation prompts (``None``: none); ``n_calibration``: calibration prompts disjoint from them
     (``None``: none). ``work_dir``: root of the caches shared by notebooks 04-06 (``None``: ``outputs/work``).
+    ``num_inference_steps`` / ``guidance_scale``: ``None`` takes the model family's (SDXL-Turbo: 4 steps, guidance 0);
+    ``quick`` caps the steps at 4 (:func:`dgq_utils.report.sampling.report_sampling`).
     """
 
     model_id: str | None = None
@@ -57,8 +60,8 @@ class SetupConfig:
     threads: int | None = None
     save_to: str | None = None
     work_dir: str | None = None
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     batch_size: int = 8
     n_prompts: int | None = None
     n_calibration: int | None = None
@@ -181,12 +184,14 @@ def setup(parameters: SetupConfig | Mapping[str, Any], **overrides: Any) -> Sess
     prompts = ctx.prompts(config.n_prompts, seed=config.seed) if config.n_prompts else []
     calibration = (ctx.calibration_prompts(config.n_calibration, exclude=prompts, seed=config.seed)
                    if config.n_calibration else [])
-    sampler = SamplerSettings(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+    chosen = report_sampling(ctx.family, config.num_inference_steps, config.guidance_scale, quick=config.quick)
+    sampler = SamplerSettings(num_inference_steps=chosen.num_inference_steps, guidance_scale=chosen.guidance_scale,
                               batch_size=config.batch_size)
     session = Session(config, ctx, figures, results, prompts, calibration, sampler)
-    print(f"model: {ctx.label} ({ctx.kind}, key {ctx.model_key}) on {config.device}")
+    print(f"model: {ctx.label} ({ctx.kind}, family {ctx.family}, key {ctx.model_key}) on {config.device}")
     print(f"figures -> {figures}\nresults -> {results}")
+    print(chosen.describe())
     example = f"; e.g. {(prompts or calibration)[0]!r}" if (prompts or calibration) else ""
     print(f"{len(prompts)} evaluation prompts, {len(calibration)} calibration prompts, "
-          f"{config.num_inference_steps} steps, guidance {config.guidance_scale}{example}")
+          f"{sampler.num_inference_steps} steps, guidance {sampler.guidance_scale} ({ctx.prompt_set} prompts){example}")
     return session
