@@ -12,6 +12,7 @@ import pytest
 from dgq_utils.config import SamplerSettings, get_preset
 from dgq_utils.generate.images import cache_key
 from dgq_utils.quantize.cache import state_key
+from dgq_utils import report as A
 from dgq_utils.report import calibration_study as C
 from dgq_utils.report.prose import describe_calibration_components, describe_calibration_sizes
 from dgq_utils.report.session import Session, SetupConfig
@@ -121,6 +122,20 @@ def test_table2_layout_puts_paper_numbers_beside_ours():
     assert lay.loc["dgq-w4a6-g8", "paper_fid"] == pytest.approx(51.94) and lay.loc["dgq-w4a6-g8", "k"] == 8
     assert lay.loc["dgq-w8a8", "ours_fid"] == 12.0 and lay.loc["dgq-w8a8", "ours_fid_low"] == 11.0
     assert math.isnan(lay.loc["dgq-w4a6", "ours_fid"])
+
+
+def test_table2_layout_follows_the_paper_model_of_the_family():
+    """SDXL-Turbo gets the paper's Turbo rows (DGQ at K = 8 only), a family the paper did not run gets none."""
+    recipes = C.paper_grid_recipes(["w8a6"], [8, 16])
+    table = pd.DataFrame([{"recipe": "fp", "metric": "fid", "value": 1.0, "ci_low": 0.5, "ci_high": 1.5}])
+    turbo = C.paper_table2_layout(table, recipes, ["fid"], paper_model="sdxl-turbo").set_index("recipe")
+    assert turbo.loc["fp", "paper_fid"] == pytest.approx(21.25)
+    assert turbo.loc["baseline-w8a6", "paper_fid"] == pytest.approx(163.02)
+    assert turbo.loc["dgq-w8a6-g8", "paper_fid"] == pytest.approx(34.31)
+    assert math.isnan(turbo.loc["dgq-w8a6", "paper_fid"])
+    none = C.paper_table2_layout(table, recipes, ["fid"], paper_model=None)
+    assert none[["paper_is", "paper_fid", "paper_clip_score"]].isna().all().all() and none.ours_fid.iloc[0] == 1.0
+    assert A.paper_model_for("sdxl-turbo") == "sdxl-turbo" and A.paper_model_for("sd2") is None
 
 
 # ------------------------------------------------------------------------------------------------ keys

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dgq_utils.config import get_preset
-from dgq_utils.report.comparison import PAPER_TABLE2, paired_vs
+from dgq_utils.report.comparison import paired_vs, paper_rows
 
 __all__ = [
     "calibration_sweep_table",
@@ -208,16 +208,22 @@ def _k_of(recipe: str) -> float:
 
 
 def paper_table2_layout(table: pd.DataFrame, recipes: Sequence[str], metrics: Sequence[str], *,
-                        paper: pd.DataFrame | None = None, paper_baseline: str = "TFMQ") -> pd.DataFrame:
+                        paper: pd.DataFrame | None = None, paper_model: str | None = "sd-v1.4",
+                        paper_baseline: str = "TFMQ") -> pd.DataFrame:
     """The paper's Table 2 layout: one row per (setting, method, K) -- FP first, then per setting the baseline
-    and DGQ per K -- with the paper's IS / FID / CLIP (SD v1.4; its ``paper_baseline`` row for the baseline) and
-    ours (``ours_<metric>`` with ``_low`` / ``_high``: the 95% CI) side by side.
+    and DGQ per K -- with the paper's IS / FID / CLIP (its ``paper_baseline`` row for the baseline) and ours
+    (``ours_<metric>`` with ``_low`` / ``_high``: the 95% CI) side by side.
 
     ``table``: :func:`run_comparison`'s results table (recipe, metric, value, ci_low, ci_high) with ``fp`` and
-    ``recipes``. A paper cell with no number (the paper has none for that row) is NaN; so is an ours cell whose
-    recipe or metric is not in ``table``.
+    ``recipes``. The paper's numbers are ``paper`` when given, else the rows of ``paper_model`` (``"sd-v1.4"``, the
+    default and the embedded model's comparison, or ``"sdxl-turbo"``; :func:`dgq_utils.report.comparison.
+    paper_model_for` maps a model family to it); ``paper_model=None`` (a family the paper did not run, SD 2.x or
+    SDXL) leaves every paper cell NaN. A paper cell with no number (the paper has none for that row) is NaN; so is
+    an ours cell whose recipe or metric is not in ``table``.
     """
-    paper = PAPER_TABLE2 if paper is None else paper
+    if paper is None:
+        paper = (paper_rows(paper_model) if paper_model is not None
+                 else pd.DataFrame(columns=["bits", "method", "k", "is", "fid", "clip_score"]))
     vals = table.set_index(["recipe", "metric"])
 
     def ours(recipe):

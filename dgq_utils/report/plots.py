@@ -589,15 +589,17 @@ def component_bars(components: pd.DataFrame, metrics: Sequence[str], *, path=Non
 
 
 def paper_grid_bars(layout: pd.DataFrame, metric: str = "fid", *, paper_metric: str | None = None, path=None,
-                    title: str = ""):
+                    title: str = "", paper_label: str = "SD v1.4"):
     """The Table 2 grid (:func:`dgq_utils.report.calibration_study.paper_table2_layout`) as two panels: the
-    paper's ``paper_metric`` and ours ``metric`` per setting and method (FP as a dashed line)."""
+    paper's ``paper_metric`` (its ``paper_label`` model) and ours ``metric`` per setting and method (FP as a dashed
+    line). A panel with no numbers (the paper did not run this model) is left out."""
     paper_metric = paper_metric or metric
     d = layout[layout["method"] != "FP"].copy()
     d["method_k"] = [m if m != "DGQ" else f"DGQ K={int(k)}" for m, k in zip(d["method"], d["k"])]
     fp = layout[layout["method"] == "FP"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), squeeze=False)
-    for ax, col, who in zip(axes[0], (f"paper_{paper_metric}", f"ours_{metric}"), ("paper (SD v1.4)", "this run")):
+    panels = (f"paper_{paper_metric}", f"ours_{metric}")
+    for ax, col, who in zip(axes[0], panels, (f"paper ({paper_label})", "this run")):
         if col not in d or d[col].isna().all():
             ax.set_visible(False)
             continue
