@@ -12,7 +12,7 @@ notebooks' sampler with it and :func:`dgq_utils.report.runs.start_run` records t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from dgq_utils.config import validation as V
 from dgq_utils.model.loading import FAMILY_SAMPLER_DEFAULTS
@@ -36,9 +36,7 @@ class ReportSampling:
 
     def as_record(self) -> dict:
         """What ``run.json`` records under ``settings["sampler"]``."""
-        return {"family": self.family, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale, "steps_from": self.steps_from,
-                "guidance_from": self.guidance_from}
+        return asdict(self)
 
     def describe(self) -> str:
         """One line for a notebook's set-up output."""
