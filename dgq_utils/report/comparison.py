@@ -58,6 +58,10 @@ __all__ = [
 # ==============================================================================================================
 # 04-06: evaluation
 # ==============================================================================================================
+#: metrics that need the embedded world's evaluator, small CLIP or rendered reference scenes
+WORLD_METRICS = ("fid", "kid", "clip_score", "alignment")
+
+
 def comparison_setup(ctx: ModelContext, metrics: Sequence[str] | None = None, *, n_reference: int = 512,
                      seed: int = 0, log=print) -> tuple[list[str], MetricsConfig]:
     """``(metric names, MetricsConfig)`` for :func:`dgq_utils.evaluate.compare.run_comparison` on the model at hand.
@@ -77,19 +81,14 @@ def comparison_setup(ctx: ModelContext, metrics: Sequence[str] | None = None, *,
     fidelity = ["psnr", "ssim"] + (["lpips"] if lpips_ok else [])
     device = "cuda" if str(ctx.device).startswith("cuda") else "cpu"
     if ctx.kind == "embedded":
-        available = ["fid", "kid", "clip_score", "alignment"] + fidelity
+        available = list(WORLD_METRICS) + fidelity
         chosen = [m for m in (metrics or available) if m in available]
         _note_dropped(ctx, metrics or available, chosen, lpips_ok, log)
         return chosen, embedded_metrics(chosen, embedded_dir=ctx.embedded_dir, n_reference=n_reference, seed=seed,
                                         device=ctx.device).replace(device=device)
     chosen = [m for m in (metrics or fidelity) if m in fidelity]
-    _note_dropped(ctx, metrics or ["fid", "kid", "clip_score", "alignment", "psnr", "ssim", "lpips"], chosen,
-                  lpips_ok, log)
+    _note_dropped(ctx, metrics or [*WORLD_METRICS, "psnr", "ssim", "lpips"], chosen, lpips_ok, log)
     return chosen, MetricsConfig(chosen, device=device)
-
-
-#: metrics that need the embedded world's evaluator, small CLIP or rendered reference scenes
-WORLD_METRICS = ("fid", "kid", "clip_score", "alignment")
 
 
 def _note_dropped(ctx: ModelContext, asked: Sequence[str], chosen: Sequence[str], lpips_ok: bool, log) -> None:
