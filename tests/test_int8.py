@@ -115,6 +115,30 @@ def test_blocked_reference_equals_fake_quant_linear(m, k, n, groups, block, sym,
     assert _rel(y, ref, xh, wh) < 1e-9
 
 
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 30), k=st.integers(1, 80), n=st.integers(1, 20), groups=st.integers(1, 6),
+       block=st.sampled_from([4, 16, 32]), sym=st.booleans(), seed=st.integers(0, 2**16))
+def test_channel_form_equals_the_block_by_block_reference(m, k, n, groups, block, sym, seed):
+    """The CPU's execution of channel groups (one float64 GEMM in channel order) against the kernel's math (one
+    exact integer GEMM per padded K-block, scaled per block): equal up to float64 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 4
+    ids = torch.randint(0, groups, (k,), generator=g)
+    lo = torch.stack([x[:, ids == i].min() if (ids == i).any() else torch.tensor(0.0) for i in range(groups)])
+    hi = torch.stack([x[:, ids == i].max() if (ids == i).any() else torch.tensor(1.0) for i in range(groups)])
+    gs, gz = uniform_qparams(lo, hi, 8, symmetric=sym, include_zero=False)
+    _, _, _, wq = _wq(n, k, g, sym)
+    bias = torch.randn(n, generator=g)
+    blocked = k8.blocked_gemm_reference(x, gs, gz, k8.block_layout(ids, block), wq, bias, 8, sym, torch.float64)
+    channel = k8.channel_gemm_reference(x, gs[ids], gz[ids], wq, bias, 8, sym, torch.float64)
+    assert (channel - blocked).abs().max() <= 1e-12 * max(1.0, float(blocked.abs().max()))
+
+
+def test_channel_form_names_a_wrong_parameter_length():
+    _, _, _, wq = _wq(3, 5, torch.Generator().manual_seed(0), False)
+    with pytest.raises(ValueError, match="one value per input channel"):
+        k8.channel_gemm_reference(torch.randn(2, 5), torch.ones(4), torch.zeros(4), wq)
+
 def _synthetic_layer(kind, c, n, sets, gen, sym, hw=(3, 3)):
     """A QuantLinear / 1x1 QuantConv2d with hand-made calibrated sets: ``sets`` is a list of ``"tensor"``,
     ``"pixel"`` or ``("channel", G)``; pixel sets have ``P`` positions (``hw`` for convs, 6 tokens for linears)."""

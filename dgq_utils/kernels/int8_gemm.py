@@ -49,7 +49,7 @@ from torch import Tensor
 from dgq_utils.core.quantizers import qrange
 
 __all__ = ["BlockLayout", "BlockedParams", "Int8Weight", "RowsParams", "TUNE", "available", "block_layout",
-           "blocked_gemm_reference", "blocked_params", "code_offset", "int8_linear", "int8_linear_triton",
+           "blocked_gemm_reference", "blocked_params", "channel_gemm_reference", "code_offset", "int8_linear", "int8_linear_triton",
            "int8_gemm", "int_matmul", "quantize_act_int8", "quantize_act_reference", "quantize_weight_int8",
            "rows_gemm_reference", "rows_params",
            "tuned_configs"]
@@ -301,6 +301,28 @@ def blocked_gemm_reference(x: Tensor, group_scale: Tensor, group_zero_point: Ten
     xhat = (a.double() - c.double()) * s.double()[None, :]
     r = torch.where(valid[None, :], xhat, torch.zeros_like(xhat)).sum(dim=1)
     return _epilogue(d, r, w, bias, out_dtype)
+
+
+def channel_gemm_reference(x: Tensor, channel_scale: Tensor, channel_zero_point: Tensor, w: Int8Weight,
+                           bias: Tensor | None = None, bits: int = 8, symmetric: bool = False,
+                           out_dtype=torch.float32) -> Tensor:
+    """What :func:`blocked_gemm_reference` computes, without the blocks: ``x`` ``(M, K)`` quantized with a scale /
+    zero point per channel (``(K,)``, each channel's group's), then ``sum_k s_k (a_k - c_k) u[n, k]`` as one float64
+    GEMM in the channels' own order (no permutation, no padding) and the same epilogue.
+
+    Every term is exact in float64 (an 8-bit code difference times a float32 scale times an int8 weight code), so it
+    differs from the block-by-block sum only by float64 rounding of the additions (relative ~1e-16). The sum does
+    not depend on the channel order, which is why the blocked kernel may permute. This is the CPU's execution of
+    the channel-grouped layers: one GEMM instead of one small integer GEMM per 32-column block."""
+    s = channel_scale.reshape(-1).float()
+    z = channel_zero_point.reshape(-1).float()
+    if s.numel() != x.shape[1] or z.numel() != x.shape[1]:
+        raise ValueError(f"channel_scale / channel_zero_point need one value per input channel ({x.shape[1]}); got "
+                         f"{s.numel()} / {z.numel()}.")
+    a, c = quantize_act_reference(x, s[None, :], z[None, :], bits, symmetric)
+    xhat = (a.double() - c.double()) * s.double()[None, :]
+    d = xhat @ w.codes.to(x.device).double().t()
+    return _epilogue(d, xhat.sum(dim=1), w, bias, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

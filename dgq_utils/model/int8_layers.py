@@ -180,7 +180,7 @@ class EightBitLinear(_Converted, nn.Module):
         gs = torch.ones(g)
         gz = torch.zeros(g)
         gs[ids], gz[ids] = s_idx, z_idx
-        return {"kind": "blocked", "layout": layout, "group_scale": gs, "group_zp": gz,
+        return {"kind": "blocked", "layout": layout, "group_scale": gs, "group_zp": gz, "ids": ids,
                 "params": k8.blocked_params(layout, s_idx[first], z_idx[first], bits, sym)}
 
     def plan_on(self, device: torch.device) -> dict:
@@ -272,7 +272,8 @@ class EightBitLinear(_Converted, nn.Module):
             s, z = self._rows_params(x3, p)
             a, c = k8.quantize_act_reference(x2, s[:, None], z[:, None], bits, sym)
             return k8.rows_gemm_reference(a, s, c.reshape(-1), w, bias, out_dtype=x3.dtype)
-        return k8.blocked_gemm_reference(x2, p["group_scale"], p["group_zp"], p["layout"], w, bias, bits, sym,
+        ids = p["ids"]
+        return k8.channel_gemm_reference(x2, p["group_scale"][ids], p["group_zp"][ids], w, bias, bits, sym,
                                          out_dtype=x3.dtype)
 
     def _fp8(self, xh3: Tensor) -> Tensor:
