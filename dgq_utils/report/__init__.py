@@ -4,6 +4,7 @@ Modules, in the order of the notebooks: :mod:`.folders` (where a run writes), :m
 prompts), :mod:`.session` (the one set-up call of every notebook: ``S = A.setup(globals())``),
 :mod:`.layer_names`, :mod:`.outliers` (01), :mod:`.grouping_study` (02), :mod:`.attention_study` (03),
 :mod:`.comparison` (04-06: metrics set-up, ablation recipes, paired tables, the paper's Table 2),
+:mod:`.eightbit_study` (04's real 8-bit execution of the W8A8 recipes),
 :mod:`.calibration_study` (07: calibration-set size, its cause per component, the paper's grid),
 :mod:`.paper_protocol` (05's branch for real SD checkpoints), :mod:`.prose` (sentences from the numbers),
 :mod:`.plots` (figures), :mod:`.chain` (``python -m dgq_utils.report``) and :mod:`.demo`. Around the chain:
@@ -18,6 +19,7 @@ from dgq_utils.report.attention_study import *  # noqa: F401,F403
 from dgq_utils.report.calibration_study import *  # noqa: F401,F403
 from dgq_utils.report.comparison import *  # noqa: F401,F403
 from dgq_utils.report.context import *  # noqa: F401,F403
+from dgq_utils.report.eightbit_study import *  # noqa: F401,F403
 from dgq_utils.report.folders import *  # noqa: F401,F403
 from dgq_utils.report.grouping_study import *  # noqa: F401,F403
 from dgq_utils.report.layer_names import *  # noqa: F401,F403
