@@ -58,6 +58,7 @@ from dgq_utils.generate.images import GenerationResult, generate_images
 from dgq_utils.model.int8_layers import BACKENDS
 from dgq_utils.quantize.int8 import EightBitReport, convert_to_8bit, fallback_reason, unet_weight_bytes
 from dgq_utils.quantize.pipeline import is_quantized, require_state
+from dgq_utils.timing import stage
 
 __all__ = ["CONTROL_MARGIN_DB", "EIGHT_BIT_RECIPES", "EightBitRun", "EightBitStudy", "describe_eight_bit",
            "eight_bit_backends", "eight_bit_study", "rounding_nudge"]
@@ -286,7 +287,8 @@ def eight_bit_study(S, fake_quant, prompts: Sequence[str], *, recipes: Sequence[
     runs, rows = [], []
     for recipe in recipes:
         for backend in backends:
-            run = _one(S, fp, recipe, backend, prompts, timing_prompts, device, progress)
+            with stage("eight_bit", recipe=recipe, backend=backend, n=len(prompts)):
+                run = _one(S, fp, recipe, backend, prompts, timing_prompts, device, progress)
             run.weight_bytes["fp"] = fp_bytes
             run.psnr_vs_fake_quant = psnr_per_image(run.images.paths, fake_quant.generations[recipe].paths).tolist()
             runs.append(run)
@@ -337,13 +339,14 @@ def _one(S, fp, recipe: str, backend: str, prompts, timing_prompts, device, prog
     images = generate_images(pipe, prompts, [S.seed], S.ctx.work_dir("images"), recipe=recipe, model_id=mid,
                              settings=S.sampler, progress=progress, calibration=f"{state.name}+8bit-{backend}")
     peak = {k: v for k, v in (("fake_quant", fq_peak), ("8bit", q_peak)) if v is not None}
+    fq_images = _decoded(pipe, fq_out)
     run = EightBitRun(
         recipe, backend, report, images, agreement, call_ms={"fake_quant": fq_ms, "8bit": q_ms},
         weight_bytes={"fake_quant": fq_bytes, "8bit": unet_weight_bytes(pipe.unet)}, n_layers=len(qs.layers),
         n_timed=len(timing_prompts), nudge=nudge,
         latent_rel_l2={"8bit_vs_fake_quant": _rel_l2(q_out, fq_out), "nudged_vs_fake_quant": _rel_l2(nudged_out, fq_out)},
-        timed_psnr={"8bit_vs_fake_quant": psnr_per_image(_decoded(pipe, q_out), _decoded(pipe, fq_out)),
-                    "nudged_vs_fake_quant": psnr_per_image(_decoded(pipe, nudged_out), _decoded(pipe, fq_out))},
+        timed_psnr={"8bit_vs_fake_quant": psnr_per_image(_decoded(pipe, q_out), fq_images),
+                    "nudged_vs_fake_quant": psnr_per_image(_decoded(pipe, nudged_out), fq_images)},
         peak_mib=peak)
     del pipe
     if device.type == "cuda":
