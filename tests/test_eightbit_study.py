@@ -89,3 +89,26 @@ def test_bad_input_is_named(run):
 
 def test_backends_follow_the_device():
     assert A.eight_bit_backends("cpu") == ("int8",)
+
+
+@pytest.mark.gpu
+def test_gpu_section_runs_the_triton_kernels_and_both_backends(tmp_path):
+    """The section with ``device="cuda"``: int8 (and fp8 on Hopper / Ada) rows, the layers agree with the fake-quant
+    layers (float32 tiny pipeline: the int8 kernel's fp32 epilogue), peak memory recorded."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    S = A.setup(dict(model_id="tiny", device="cuda", quick=True, n_prompts=3, n_calibration=2, batch_size=2,
+                     save_to=str(tmp_path / "run"), work_dir=str(tmp_path / "work")))
+    metrics, setup = A.comparison_setup(S.ctx, ["psnr"])
+    show = S.prompts[:3]
+    res = S.compare(["dgq-w8a8"], show, tag="04", metrics=metrics, metric_setup=setup,
+                    bootstrap=S.bootstrap(n_boot=50), title="8-bit gpu test", n=3)
+    study = A.eight_bit_study(S, res, show, recipes=["dgq-w8a8"], progress=False)
+    t = study.table
+    assert list(t.backend) == list(A.eight_bit_backends("cuda"))
+    int8 = t[t.backend == "int8"].iloc[0]
+    assert int8.layer_rel_l2_max < 1e-4
+    assert (t.weight_mib_8bit < 0.5 * t.weight_mib_fp).all()
+    assert t.peak_mib_8bit.notna().all() and t.peak_mib_fake_quant.notna().all()
+    assert "emulated exactly" not in A.describe_eight_bit(study)
+    assert not is_quantized(S.ctx.pipe)
