@@ -94,16 +94,23 @@ def test_rows_reference_equals_fake_quant_linear(m, k, n, sym, per_row, seed):
     assert _rel(y, ref, xh, wh) < 1e-9
 
 
-@settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 30), k=st.integers(1, 80), n=st.integers(1, 20), groups=st.integers(1, 6),
-       block=st.sampled_from([4, 16, 32]), sym=st.booleans(), seed=st.integers(0, 2**16))
-def test_blocked_reference_equals_fake_quant_linear(m, k, n, groups, block, sym, seed):
+def _grouped_input(m, k, groups, sym, seed):
+    """A seeded ``(m, k)`` input with channel scales spread 0..4, scattered group ids and each group's 8-bit
+    parameters from its range: ``(generator, x, ids, group_scale, group_zp)``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 4
     ids = torch.randint(0, groups, (k,), generator=g)
     lo = torch.stack([x[:, ids == i].min() if (ids == i).any() else torch.tensor(0.0) for i in range(groups)])
     hi = torch.stack([x[:, ids == i].max() if (ids == i).any() else torch.tensor(1.0) for i in range(groups)])
     gs, gz = uniform_qparams(lo, hi, 8, symmetric=sym, include_zero=False)
+    return g, x, ids, gs, gz
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 30), k=st.integers(1, 80), n=st.integers(1, 20), groups=st.integers(1, 6),
+       block=st.sampled_from([4, 16, 32]), sym=st.booleans(), seed=st.integers(0, 2**16))
+def test_blocked_reference_equals_fake_quant_linear(m, k, n, groups, block, sym, seed):
+    g, x, ids, gs, gz = _grouped_input(m, k, groups, sym, seed)
     w, ws, wz, wq = _wq(n, k, g, sym)
     xh = fake_quant_uniform(x, gs[ids][None, :], gz[ids][None, :], 8, symmetric=sym)
     wh = fake_quant_uniform(w, ws[:, None], wz[:, None], 8, symmetric=sym)
@@ -121,12 +128,7 @@ def test_blocked_reference_equals_fake_quant_linear(m, k, n, groups, block, sym,
 def test_channel_form_equals_the_block_by_block_reference(m, k, n, groups, block, sym, seed):
     """The CPU's execution of channel groups (one float64 GEMM in channel order) against the kernel's math (one
     exact integer GEMM per padded K-block, scaled per block): equal up to float64 rounding."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 4
-    ids = torch.randint(0, groups, (k,), generator=g)
-    lo = torch.stack([x[:, ids == i].min() if (ids == i).any() else torch.tensor(0.0) for i in range(groups)])
-    hi = torch.stack([x[:, ids == i].max() if (ids == i).any() else torch.tensor(1.0) for i in range(groups)])
-    gs, gz = uniform_qparams(lo, hi, 8, symmetric=sym, include_zero=False)
+    g, x, ids, gs, gz = _grouped_input(m, k, groups, sym, seed)
     _, _, _, wq = _wq(n, k, g, sym)
     bias = torch.randn(n, generator=g)
     blocked = k8.blocked_gemm_reference(x, gs, gz, k8.block_layout(ids, block), wq, bias, 8, sym, torch.float64)
