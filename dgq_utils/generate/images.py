@@ -482,14 +482,17 @@ def initial_latents(pipe, idx: int, seed: int, settings: SamplerSettings) -> tor
     return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
-def _run_batch(pipe, batch, settings: SamplerSettings):
-    """Run one full batch (padded by repeating the first item) and return PIL images of the real items."""
-    n = len(batch)
-    padded = list(batch) + [batch[0]] * (settings.batch_size - n)
+def batch_call_kwargs(pipe, batch, settings: SamplerSettings, *, output_type: str = "pil") -> dict:
+    """The pipeline call of one cached batch: ``batch`` is a list of ``(prompt index, prompt, seed)``, padded to
+    ``settings.batch_size`` by repeating its first item. Each item gets the initial noise of :func:`initial_latents`
+    and a step-noise generator of its own (for ancestral / DDPM-like samplers and ``eta > 0``), so an image does not
+    depend on its batch. ``settings`` must be resolved (height and width set). Returns the keyword arguments of
+    ``pipe(**kwargs)``."""
+    padded = list(batch) + [batch[0]] * (settings.batch_size - len(batch))
     device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
     dtype = pipe.unet.dtype
     latents = torch.cat([initial_latents(pipe, i, s, settings) for i, _, s in padded]).to(device, dtype)
-    # step noise (ancestral / DDPM-like samplers, eta > 0): one generator per image, offset from the latent seed
+    # step noise: one generator per image, offset from the latent seed
     gens = [torch.Generator("cpu").manual_seed((image_seed(i, s) + 1) & ((1 << 63) - 1)) for i, _, s in padded]
     kwargs = dict(
         prompt=[p for _, p, _ in padded],
@@ -499,17 +502,23 @@ def _run_batch(pipe, batch, settings: SamplerSettings):
         guidance_scale=settings.guidance_scale,
         latents=latents,
         generator=gens,
-        output_type="pil",
+        output_type=output_type,
     )
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(padded)
     if settings.eta:
         kwargs["eta"] = settings.eta
+    return kwargs
+
+
+def _run_batch(pipe, batch, settings: SamplerSettings):
+    """Run one full batch (:func:`batch_call_kwargs`) and return PIL images of the real items."""
+    kwargs = batch_call_kwargs(pipe, batch, settings)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     out = pipe(**kwargs)
     images = out.images if hasattr(out, "images") else out[0]
-    return images[:n]
+    return images[:len(batch)]
 
 
 def load_manifest(folder: str | os.PathLike) -> pd.DataFrame:

@@ -49,7 +49,8 @@ from torch import Tensor
 from dgq_utils.core.quantizers import qrange
 
 __all__ = ["BlockLayout", "BlockedParams", "Int8Weight", "RowsParams", "TUNE", "available", "block_layout",
-           "blocked_gemm_reference", "blocked_params", "channel_gemm_reference", "code_offset", "int8_linear", "int8_linear_triton",
+           "blocked_gemm_reference", "blocked_params", "channel_gemm_reference", "code_offset", "int8_linear",
+           "int8_linear_triton",
            "int8_gemm", "int_matmul", "quantize_act_int8", "quantize_act_reference", "quantize_weight_int8",
            "rows_gemm_reference", "rows_params",
            "tuned_configs"]
@@ -314,8 +315,8 @@ def channel_gemm_reference(x: Tensor, channel_scale: Tensor, channel_zero_point:
     differs from the block-by-block sum only by float64 rounding of the additions (relative ~1e-16). The sum does
     not depend on the channel order, which is why the blocked kernel may permute. This is the CPU's execution of
     the channel-grouped layers: one GEMM instead of one small integer GEMM per 32-column block."""
-    s = channel_scale.reshape(-1).float()
-    z = channel_zero_point.reshape(-1).float()
+    s = channel_scale.reshape(-1).float().to(x.device)
+    z = channel_zero_point.reshape(-1).float().to(x.device)
     if s.numel() != x.shape[1] or z.numel() != x.shape[1]:
         raise ValueError(f"channel_scale / channel_zero_point need one value per input channel ({x.shape[1]}); got "
                          f"{s.numel()} / {z.numel()}.")
